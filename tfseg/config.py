@@ -1,0 +1,240 @@
+"""Typed configuration: defaults, then a YAML file, then `section.key=value` overrides, validated.
+
+Experiments are YAML files in configs/ (Model Garden style); the resolved config is written to the
+run folder so a run can be repeated or resumed exactly.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tfseg import files
+from tfseg.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    records: str = "records/synth"  # make_records output folder
+    val_folds: tuple[int, ...] = (0,)  # the rest of the folds train
+    image_size: tuple[int, int] = (320, 320)  # (height, width) fed to the model
+    offsets: tuple[int, ...] = (-2, 0, 2)  # 2.5D context: channel i is slice s + offsets[i]
+    resize: str = "resize"  # resize | pad_crop
+    interpolation: str = "bilinear"  # scans: bilinear | area (masks always nearest)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)  # per-volume intensity clip before [0, 1]
+    keep_empty: float = 1.0  # share of organ-free training slices kept
+    shuffle_buffer: int = 1024  # slices
+    batch_size: int = 16  # global batch size (all replicas)
+    deterministic: bool = False  # fixed order and seeds: same batches every run
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    flip_horizontal: bool = True
+    flip_vertical: bool = False
+    rotation_degrees: float = 15.0
+    scale: float = 0.1  # zoom in/out by up to this fraction
+    shift: float = 0.0625  # translate by up to this fraction of the size
+    grid_distortion: float = 0.0  # max displacement of a coarse grid, fraction of the size (0: off)
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.2  # gamma drawn from [1 - g, 1 + g]
+    noise_std: float = 0.02
+    dropout_holes: int = 0  # coarse dropout rectangles on the scan only
+    dropout_size: float = 0.1  # side of a hole, fraction of the image size
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 4
+    base_filters: int = 32
+    block: str = "residual"  # plain | residual
+    norm: str = "batch"  # batch | group | none
+    dropout: float = 0.0
+    upsample: str = "transpose"  # transpose | resize
+    encoder: str | None = None  # null | efficientnetv2b0 | resnet50
+    encoder_weights: str | None = None  # null | imagenet (needs a download)
+
+
+@dataclass
+class LossConfig:
+    name: str = "bce_dice"  # bce_dice | tversky | focal
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    steps_per_epoch: int | None = None  # None: one pass over the training slices
+    optimizer: str = "adamw"  # adamw | adam
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decay ends at learning_rate * min_lr_ratio
+    clip_norm: float = 1.0  # global gradient norm clipping (0: off)
+    threshold: float = 0.5  # probability -> mask
+    strategy: str = "auto"  # auto | default | one_device | mirrored | multiworker | tpu
+    precision: str = "mixed_float16"  # auto | float32 | mixed_float16 | mixed_bfloat16
+    cpu_replicas: int = 0  # >0: split the CPU into this many logical devices (tests, mirrored)
+    jit_compile: bool = False
+    tpu: str | None = None
+    image_log_every: int = 5  # epochs between validation images in TensorBoard (0: never)
+    profile_batches: str | None = None  # e.g. "10,20": capture a TensorBoard profile
+    min_component: int = 0  # evaluate: drop predicted components smaller than this (pixels per slice)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "data.resize": ("resize", "pad_crop"),
+    "data.interpolation": ("bilinear", "area"),
+    "model.block": ("plain", "residual"),
+    "model.norm": ("batch", "group", "none"),
+    "model.upsample": ("transpose", "resize"),
+    "model.encoder": (None, "efficientnetv2b0", "resnet50"),
+    "model.encoder_weights": (None, "imagenet"),
+    "loss.name": ("bce_dice", "tversky", "focal"),
+    "train.optimizer": ("adamw", "adam"),
+    "train.strategy": ("auto", "default", "one_device", "mirrored", "multiworker", "tpu"),
+    "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+}
+
+
+def _coerce(value, hint, where: str):
+    """Check (and gently convert) one value against its dataclass type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        inner = args[0]
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint} at {where}")
+
+
+def _set(config: Config, dotted: str, value, source: str) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section_name not in sections or not key:
+        raise ConfigError(f"{source}: unknown config section {section_name!r} in {dotted!r} "
+                          f"(sections: {', '.join(sorted(sections))})")
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown config key {dotted!r} (keys of {section_name}: "
+                          f"{', '.join(hints)})")
+    setattr(section, key, _coerce(value, hints[key], f"{source}: {dotted}"))
+
+
+def validate(config: Config) -> Config:
+    """Value checks beyond types; raises ConfigError naming the key."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    d, t = config.data, config.train
+    checks = [
+        (all(s >= 32 for s in d.image_size), "data.image_size", "sizes must be at least 32"),
+        (all(s % (2 ** config.model.depth) == 0 for s in d.image_size), "data.image_size",
+         f"sizes must be divisible by 2**model.depth = {2 ** config.model.depth}"),
+        (len(d.offsets) >= 1 and len(set(d.offsets)) == len(d.offsets), "data.offsets",
+         "needs at least one offset and no repeats"),
+        (0 <= d.clip_percentiles[0] < d.clip_percentiles[1] <= 100, "data.clip_percentiles",
+         "needs 0 <= low < high <= 100"),
+        (0 < d.keep_empty <= 1, "data.keep_empty", "must be in (0, 1]"),
+        (d.batch_size >= 1, "data.batch_size", "must be >= 1"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
+        (config.model.depth >= 1 and config.model.base_filters >= 1, "model.depth", "depth and filters >= 1"),
+        (0 <= config.model.dropout < 1, "model.dropout", "must be in [0, 1)"),
+        (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1 or null"),
+        (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
+        (0 < t.threshold < 1, "train.threshold", "must be in (0, 1)"),
+        (t.cpu_replicas >= 0, "train.cpu_replicas", "must be >= 0"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+            for key, value in values.items():
+                _set(config, f"{section}.{key}", value, str(path))
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set(config, dotted.strip(), yaml.safe_load(text) if text.strip() else None, "--set")
+    return validate(config)
+
+
+def to_dict(config: Config) -> dict:
+    return {section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            for section, values in dataclasses.asdict(config).items()}
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    files.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
