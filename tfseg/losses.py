@@ -1,0 +1,223 @@
+"""Segmentation losses and overlap metrics for [B, H, W, C] multi-label masks and probabilities.
+
+Losses return one value per example from `call` (Dice and Tversky are soft scores per example and
+class, averaged over classes), so Keras' own reduction gives the batch mean in `model.fit`, and a
+custom tf.distribute loop takes `per_example_loss(loss, y_true, y_pred)` and averages it over the
+global batch itself (`tf.nn.compute_average_loss`). Per-example rather than per-batch Dice is what
+makes that split exact. Everything is computed in float32, whatever the model's compute dtype.
+"""
+
+import keras
+from keras import ops
+
+from tfseg import CLASSES
+from tfseg.errors import ConfigError
+
+EPSILON = 1e-7  # clip probabilities away from 0 and 1 before taking logs
+
+
+def _as_float32(y_true, y_pred):
+    y_true = ops.cast(ops.convert_to_tensor(y_true), "float32")
+    y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+    shapes = tuple(y_true.shape), tuple(y_pred.shape)
+    if len(shapes[0]) != len(shapes[1]) or len(shapes[1]) < 3 or any(
+            None not in dims and dims[0] != dims[1] for dims in zip(*shapes, strict=True)):
+        raise ValueError(f"y_true and y_pred must both be [batch, ..., classes] with the same shape, "
+                         f"got {shapes[0]} and {shapes[1]}")
+    return y_true, y_pred
+
+
+def _mean_per_example(values):
+    """Mean over every axis but the first: [B, ...] -> [B]."""
+    return ops.mean(values, axis=list(range(1, len(values.shape)))) if len(values.shape) > 1 else values
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def binary_crossentropy(y_true, y_pred):
+    """Per-pixel BCE of probabilities, clipped to [EPSILON, 1 - EPSILON]."""
+    p = ops.clip(y_pred, EPSILON, 1.0 - EPSILON)
+    return -(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p))
+
+
+def tversky_index(y_true, y_pred, alpha: float, beta: float, smooth: float):
+    """Soft Tversky index per example and class, [B, C].
+
+    alpha = beta = 0.5 is soft Dice (2 tp + 2 smooth) / (2 tp + fp + fn + 2 smooth).
+    """
+    axes = list(range(1, len(y_pred.shape) - 1))
+    tp = ops.sum(y_true * y_pred, axis=axes)
+    fp = ops.sum((1.0 - y_true) * y_pred, axis=axes)
+    fn = ops.sum(y_true * (1.0 - y_pred), axis=axes)
+    return (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+class _SegmentationLoss(keras.losses.Loss):
+    """Shared plumbing: float32 inputs, options kept as float attributes and in get_config."""
+
+    def __init__(self, default_name: str, options: dict[str, float], **kwargs):
+        super().__init__(name=kwargs.pop("name", default_name), **kwargs)
+        self._options = {key: float(value) for key, value in options.items()}
+        for key, value in self._options.items():
+            setattr(self, key, value)
+        if "smooth" in options:
+            _check(self.smooth > 0, f"{default_name}: smooth must be > 0, got {self.smooth}")
+
+    def call(self, y_true, y_pred):
+        return self.per_example(*_as_float32(y_true, y_pred))
+
+    def get_config(self):
+        return {**super().get_config(), **self._options}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class BceDiceLoss(_SegmentationLoss):
+    """bce_weight * mean pixel BCE + dice_weight * (1 - soft Dice), per example.
+
+    Soft Dice is (2 sum(p t) + smooth) / (sum p + sum t + smooth) per example and class, averaged
+    over classes: an empty true mask scores ~1 (loss ~0) only when the prediction is ~empty too.
+    """
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0, **kwargs):
+        _check(bce_weight >= 0 and dice_weight >= 0 and bce_weight + dice_weight > 0,
+               f"bce_dice: weights must be >= 0 and not both 0, got {bce_weight}, {dice_weight}")
+        super().__init__("bce_dice", {"bce_weight": bce_weight, "dice_weight": dice_weight, "smooth": smooth},
+                         **kwargs)
+
+    def per_example(self, y_true, y_pred):
+        bce = _mean_per_example(binary_crossentropy(y_true, y_pred))
+        dice = ops.mean(tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2), axis=-1)
+        return self.bce_weight * bce + self.dice_weight * (1.0 - dice)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class TverskyLoss(_SegmentationLoss):
+    """1 - soft Tversky index per example (mean over classes); beta > alpha penalises misses more."""
+
+    def __init__(self, alpha: float = 0.3, beta: float = 0.7, smooth: float = 1.0, **kwargs):
+        _check(alpha >= 0 and beta >= 0 and alpha + beta > 0,
+               f"tversky: alpha and beta must be >= 0 and not both 0, got {alpha}, {beta}")
+        super().__init__("tversky", {"alpha": alpha, "beta": beta, "smooth": smooth}, **kwargs)
+
+    def per_example(self, y_true, y_pred):
+        return 1.0 - ops.mean(tversky_index(y_true, y_pred, self.alpha, self.beta, self.smooth), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class FocalLoss(_SegmentationLoss):
+    """Binary focal loss -a_t (1 - p_t)**gamma log(p_t), mean over pixels and classes per example.
+
+    a_t is alpha on positive pixels and 1 - alpha on negative ones; gamma = 0, alpha = 0.5 gives
+    half the BCE.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, **kwargs):
+        _check(gamma >= 0, f"focal: gamma must be >= 0, got {gamma}")
+        _check(0 <= alpha <= 1, f"focal: alpha must be in [0, 1], got {alpha}")
+        super().__init__("focal", {"gamma": gamma, "alpha": alpha}, **kwargs)
+
+    def per_example(self, y_true, y_pred):
+        p_t = y_true * y_pred + (1.0 - y_true) * (1.0 - y_pred)
+        alpha_t = y_true * self.alpha + (1.0 - y_true) * (1.0 - self.alpha)
+        return _mean_per_example(alpha_t * ops.power(1.0 - p_t, self.gamma) * binary_crossentropy(y_true, y_pred))
+
+
+LOSSES = {"bce_dice": BceDiceLoss, "tversky": TverskyLoss, "focal": FocalLoss}
+
+
+def get_loss(name: str, **kwargs) -> keras.losses.Loss:
+    """The loss called `name` (one of LOSSES) built with its options, e.g. get_loss("focal", gamma=2)."""
+    if name not in LOSSES:
+        raise ConfigError(f"loss: unknown name {name!r}; allowed: {', '.join(LOSSES)}")
+    try:
+        return LOSSES[name](**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"loss {name!r}: bad options {kwargs}: {err}") from err
+
+
+def per_example_loss(loss: keras.losses.Loss, y_true, y_pred):
+    """Unreduced loss, one float32 value per example, [B], for a custom tf.distribute step.
+
+    Works for any Keras Loss: values that `call` leaves per pixel are averaged. Scale with
+    `tf.nn.compute_average_loss(values, global_batch_size=...)` inside `strategy.run`.
+    """
+    return _mean_per_example(ops.cast(loss.call(*_as_float32(y_true, y_pred)), "float32"))
+
+
+class _OverlapMetric(keras.metrics.Metric):
+    """Sums per-class intersections and cardinalities of thresholded masks over every batch seen.
+
+    The result is the score of all those pixels at once (not a mean of per-batch scores): the
+    score of one class, or the mean over classes when class_index is None. A class with no positive
+    pixel in either mask scores 1. Sums are float32: relative error ~1e-7 per batch added.
+    """
+
+    def __init__(self, class_index: int | None = None, threshold: float = 0.5, num_classes: int = len(CLASSES),
+                 name: str | None = None, dtype=None):
+        _check(isinstance(num_classes, int) and num_classes >= 1,
+               f"{type(self).__name__}: num_classes must be a positive integer, got {num_classes!r}")
+        _check(class_index is None or (isinstance(class_index, int) and 0 <= class_index < num_classes),
+               f"{type(self).__name__}: class_index must be None or in 0..{num_classes - 1}, got {class_index!r}")
+        _check(0 <= threshold < 1, f"{type(self).__name__}: threshold must be in [0, 1), got {threshold!r}")
+        super().__init__(name=name or self.default_name, dtype=dtype)
+        self.class_index, self.threshold, self.num_classes = class_index, float(threshold), num_classes
+        self.intersection, self.pred_sum, self.true_sum = (
+            self.add_variable((num_classes,), "zeros", dtype="float32", name=n)
+            for n in ("intersection", "pred_sum", "true_sum"))
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        """sample_weight, if given, is one weight per example, [B]."""
+        y_true, y_pred = _as_float32(y_true, y_pred)
+        if y_pred.shape[-1] not in (None, self.num_classes):
+            raise ValueError(f"{self.name}: expected {self.num_classes} classes, got shape {tuple(y_pred.shape)}")
+        true = ops.cast(y_true > 0.5, "float32")
+        pred = ops.cast(y_pred > self.threshold, "float32")
+        weight = 1.0
+        if sample_weight is not None:
+            weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1,) + (1,) * (len(pred.shape) - 1))
+        axes = list(range(len(pred.shape) - 1))
+        self.intersection.assign_add(ops.sum(true * pred * weight, axis=axes))
+        self.pred_sum.assign_add(ops.sum(pred * weight, axis=axes))
+        self.true_sum.assign_add(ops.sum(true * weight, axis=axes))
+
+    def result(self):
+        scores = self.score(self.intersection, self.pred_sum, self.true_sum)
+        return ops.mean(scores) if self.class_index is None else scores[self.class_index]
+
+    def get_config(self):
+        return {"class_index": self.class_index, "threshold": self.threshold,
+                "num_classes": self.num_classes, "name": self.name, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class DiceMetric(_OverlapMetric):
+    """Hard Dice 2|P & T| / (|P| + |T|) over all pixels seen; 1 when both masks are empty."""
+
+    default_name = "dice"
+
+    @staticmethod
+    def score(inter, pred, true):
+        total = pred + true
+        return ops.where(total > 0, ops.divide_no_nan(2.0 * inter, total), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class IoUMetric(_OverlapMetric):
+    """Hard IoU |P & T| / |P | T| over all pixels seen; 1 when both masks are empty."""
+
+    default_name = "iou"
+
+    @staticmethod
+    def score(inter, pred, true):
+        union = pred + true - inter
+        return ops.where(union > 0, ops.divide_no_nan(inter, union), 1.0)
+
+
+def get_metrics(class_names: tuple[str, ...] = CLASSES, threshold: float = 0.5) -> list[keras.metrics.Metric]:
+    """dice_<class> for each class, then mean-over-classes `dice` and `iou`."""
+    n = len(class_names)
+    per_class = [DiceMetric(i, threshold, n, name=f"dice_{c}") for i, c in enumerate(class_names)]
+    return [*per_class, DiceMetric(None, threshold, n, name="dice"), IoUMetric(None, threshold, n, name="iou")]

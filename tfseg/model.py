@@ -1,0 +1,183 @@
+"""The segmentation network: a Keras 3 UNet with an optional keras.applications encoder."""
+
+import math
+
+import keras
+from keras import layers
+
+from tfseg.errors import ConfigError
+
+BLOCKS = ("plain", "residual")
+NORMS = ("batch", "group", "none")
+UPSAMPLES = ("transpose", "resize")
+# For each backbone: the constructor and the layers whose outputs are the features at strides
+# 2, 4, 8, 16 and 32 (the last stage's output), found by building the models and listing layers.
+ENCODERS = {
+    "efficientnetv2b0": (
+        "EfficientNetV2B0",
+        ("block1a_project_activation", "block2b_add", "block3b_add", "block5e_add", "top_activation"),
+    ),
+    "resnet50": (
+        "ResNet50",
+        ("conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+    ),
+}
+ENCODER_WEIGHTS = (None, "imagenet")
+GROUPS = 8  # GroupNormalization groups (fewer when a layer has fewer channels)
+
+
+def build_unet(
+    input_shape: tuple[int | None, int | None, int] = (256, 256, 3),
+    num_classes: int = 3,
+    *,
+    depth: int | None = None,
+    base_filters: int = 32,
+    block: str = "plain",
+    norm: str = "batch",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    encoder: str | None = None,
+    encoder_weights: str | None = None,
+    name: str = "unet",
+) -> keras.Model:
+    """Build a UNet mapping [B, H, W, C] scans in [0, 1] to [B, H, W, num_classes] probabilities.
+
+    C is the number of stacked context slices (2.5D input). The output has one sigmoid channel per
+    class (organs may overlap), computed in float32 under any mixed-precision policy.
+
+    depth is the number of 2x downsamplings; H and W must be divisible by 2**depth (or be None for
+    a fully convolutional model). It defaults to 4 for the built-in encoder and to 5, the whole
+    backbone with its bottleneck at stride 32, for a keras.applications `encoder`; a smaller depth
+    cuts the backbone at stride 2**depth. Decoder level i (stride 2**i) has base_filters * 2**i
+    filters. dropout is SpatialDropout2D inside every conv block tfseg adds (not in the backbone).
+    """
+    depth = _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout,
+                           upsample, encoder, encoder_weights)
+    inputs = keras.Input(shape=input_shape, name="scans")
+    conv_block = _residual_block if block == "residual" else _plain_block
+
+    def convs(x, filters, prefix):
+        return conv_block(x, filters, norm=norm, dropout=dropout, prefix=prefix)
+
+    if encoder is None:
+        skips, x = [], inputs
+        for level in range(depth):
+            x = convs(x, base_filters * 2**level, f"enc{level}")
+            skips.append(x)
+            x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+        x = convs(x, base_filters * 2**depth, "bottleneck")
+    else:
+        # C context slices -> the 3 channels the backbone (and its ImageNet weights) expects, learned.
+        rgb = inputs if input_shape[2] == 3 else layers.Conv2D(3, 1, name="to_rgb")(inputs)
+        features = _backbone(input_shape[:2], encoder, encoder_weights, depth)(rgb)
+        # The full-resolution skip is the input itself: backbones start with a strided conv.
+        skips, x = [inputs, *features[:-1]], features[-1]
+
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        if upsample == "transpose":
+            x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"dec{level}_up")(x)
+        else:
+            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level}_up")(x)
+        x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
+        x = convs(x, filters, f"dec{level}")
+
+    logits = layers.Conv2D(num_classes, 1, name="logits")(x)
+    # float32 so probabilities (and the loss computed from them) keep full precision under a
+    # mixed_float16 / mixed_bfloat16 policy.
+    outputs = layers.Activation("sigmoid", dtype="float32", name="probs")(logits)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout, upsample,
+                   encoder, encoder_weights) -> int:
+    """Validate build_unet's arguments; return the depth to use."""
+    for option, value, allowed in (("block", block, BLOCKS), ("norm", norm, NORMS),
+                                   ("upsample", upsample, UPSAMPLES),
+                                   ("encoder", encoder, (None, *ENCODERS)),
+                                   ("encoder_weights", encoder_weights, ENCODER_WEIGHTS)):
+        if value not in allowed:
+            raise ConfigError(f"model: {option} must be one of {allowed}, got {value!r}")
+    if encoder is None and encoder_weights is not None:
+        raise ConfigError(f"model: encoder_weights={encoder_weights!r} needs an encoder ({tuple(ENCODERS)})")
+    max_depth = 5 if encoder else None
+    depth = (5 if encoder else 4) if depth is None else depth
+    if not (isinstance(depth, int) and depth >= 1 and (max_depth is None or depth <= max_depth)):
+        limit = f"1..{max_depth} with encoder {encoder!r}" if max_depth else ">= 1"
+        raise ConfigError(f"model: depth must be an integer {limit}, got {depth!r}")
+    for option, value in (("num_classes", num_classes), ("base_filters", base_filters)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"model: {option} must be a positive integer, got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model: dropout must be in [0, 1), got {dropout!r}")
+    if len(input_shape) != 3 or not (isinstance(input_shape[2], int) and input_shape[2] >= 1):
+        raise ConfigError(f"model: input_shape must be (H, W, C) with C >= 1 slices, got {input_shape!r}")
+    factor = 2**depth
+    for size in input_shape[:2]:
+        if size is not None and not (isinstance(size, int) and size > 0 and size % factor == 0):
+            raise ConfigError(f"model: input height and width must be positive multiples of 2**depth = "
+                              f"{factor} (depth {depth}), got input_shape {tuple(input_shape)!r}; "
+                              f"resize or pad the scans, e.g. to {_round_up(input_shape[:2], factor)}")
+    return depth
+
+
+def _round_up(sizes, factor: int) -> tuple:
+    return tuple(s if s is None else max(factor, math.ceil(s / factor) * factor) for s in sizes)
+
+
+def _backbone(size: tuple, encoder: str, weights: str | None, depth: int) -> keras.Model:
+    """A keras.applications model as a sub-model 'encoder' with the features at strides 2..2**depth.
+
+    Freeze it for warm-up with `model.get_layer("encoder").trainable = False`.
+    """
+    constructor_name, feature_layers = ENCODERS[encoder]
+    constructor = getattr(keras.applications, constructor_name)
+    # Our inputs are already [0, 1] scans, not [0, 255] RGB, so skip EfficientNetV2's built-in
+    # rescaling and normalisation. ResNet50 has none; its conv1 is followed by batch norm.
+    extra = {"include_preprocessing": False} if encoder.startswith("efficientnet") else {}
+    try:
+        backbone = constructor(include_top=False, weights=weights, input_shape=(*size, 3), **extra)
+    except Exception as err:  # keras raises a bare Exception when the download fails
+        if weights is None:
+            raise
+        raise RuntimeError(
+            f"model: the {weights} weights for encoder {encoder!r} could not be downloaded or loaded "
+            f"({err}). This machine may have no internet: set encoder_weights: null, or place the "
+            "Keras weights file in ~/.keras/models (or $KERAS_HOME/models)") from err
+    features = [backbone.get_layer(n).output for n in feature_layers[:depth]]
+    return keras.Model(backbone.input, features, name="encoder")
+
+
+def _norm(x, norm: str, name: str):
+    if norm == "batch":
+        return layers.BatchNormalization(name=name)(x)
+    if norm == "group":
+        return layers.GroupNormalization(groups=math.gcd(GROUPS, x.shape[-1]), name=name)(x)
+    return x
+
+
+def _conv_norm(x, filters: int, norm: str, name: str):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=norm == "none", name=f"{name}_conv")(x)
+    return _norm(x, norm, f"{name}_norm")
+
+
+def _plain_block(x, filters: int, *, norm: str, dropout: float, prefix: str):
+    """(3x3 conv, norm, ReLU) twice, with optional spatial dropout between the two."""
+    x = layers.ReLU(name=f"{prefix}_relu1")(_conv_norm(x, filters, norm, f"{prefix}_1"))
+    if dropout:
+        x = layers.SpatialDropout2D(dropout, name=f"{prefix}_dropout")(x)
+    return layers.ReLU(name=f"{prefix}_relu2")(_conv_norm(x, filters, norm, f"{prefix}_2"))
+
+
+def _residual_block(x, filters: int, *, norm: str, dropout: float, prefix: str):
+    """Two 3x3 conv + norm with an identity (or 1x1 conv when channels change) shortcut."""
+    shortcut = x
+    if x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, use_bias=norm == "none", name=f"{prefix}_proj_conv")(x)
+        shortcut = _norm(shortcut, norm, f"{prefix}_proj_norm")
+    x = layers.ReLU(name=f"{prefix}_relu1")(_conv_norm(x, filters, norm, f"{prefix}_1"))
+    if dropout:
+        x = layers.SpatialDropout2D(dropout, name=f"{prefix}_dropout")(x)
+    x = _conv_norm(x, filters, norm, f"{prefix}_2")
+    x = layers.Add(name=f"{prefix}_add")([x, shortcut])
+    return layers.ReLU(name=f"{prefix}_relu2")(x)
