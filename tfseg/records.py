@@ -5,9 +5,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import tensorflow as tf
-
-from tfseg import features
 from tfseg.errors import DataError
 
 SHARD_PATTERN = re.compile(r"fold(\d+)-(\d{5})-of-(\d{5})\.tfrecord")
@@ -45,5 +42,10 @@ def shard_files(records_dir: str | Path, folds=None) -> list[str]:
 def read_volumes(records_dir: str | Path, folds=None) -> Iterator[dict]:
     """Yield every volume of the chosen folds as numpy: case_day, image uint16 [D, H, W],
     mask uint8 [D, H, W, 3], slices, fold, spacing (plus case, day)."""
+    # TensorFlow loads here, not at import: tools that only list shards (make_records) start at once.
+    import tensorflow as tf
+
+    from tfseg import features
+
     for serialized in tf.data.TFRecordDataset(shard_files(records_dir, folds)):
         yield features.numpy_volume(features.decode_volume(serialized))

@@ -1,0 +1,158 @@
+"""Strategies: the auto rules, 2 mirrored CPU replicas == 1 replica, and 2 real multiworker processes.
+
+Multi-device tests run in subprocesses: logical devices and multiworker collectives can only be set
+up before TensorFlow initialises, which the pytest process has long done. The model uses group norm
+here: batch norm statistics are per replica by design (each replica normalises its own half batch),
+so only a batch-independent norm makes 2 replicas compute exactly what 1 replica does.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfseg import strategy
+from tfseg.errors import ConfigError
+
+ROOT = Path(__file__).parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+MIRRORED = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+from tfseg import data, loop, strategy, train
+from tfseg.config import load_config
+
+strategy.split_cpu(2)  # before anything initialises TensorFlow
+config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "model.norm=group", "data.batch_size=4"])
+x, y = (t.numpy() for t in next(iter(data.train_dataset(config, [1]))))
+out, init = {}, None
+one, two = strategy.make_strategy("default"), strategy.make_strategy("mirrored", cpu_replicas=2)
+for name, s in (("one", one), ("two", two)):
+    with s.scope():
+        model = train.build_model(config)
+        init = model.get_weights() if init is None else init
+        model.set_weights(init)
+        optimizer = loop.make_optimizer(config.train, 10, "float32")
+        optimizer.build(model.trainable_variables)
+        steps = loop.Steps(s, model, optimizer, train.build_loss(config), 4, config)
+    batches = iter(s.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)).repeat()))
+    out[name] = {"replicas": s.num_replicas_in_sync, "losses": [float(steps.train_step(batches)) for _ in range(2)]}
+    out[name]["weights"] = [w.tolist() for w in model.get_weights()]
+# The whole command under mirrored: distributed input pipeline and validation.
+config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=mirrored", "train.cpu_replicas=2",
+                                   "train.epochs=1", "train.steps_per_epoch=2", "train.image_log_every=0"])
+result = train.train(config, sys.argv[3], progress=False)
+out["fit"] = result.history[0]
+print("RESULT " + json.dumps(out))
+"""
+
+WORKER = """
+import sys
+import numpy as np
+from tfseg import train
+from tfseg.config import load_config
+
+config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=multiworker", "model.norm=group",
+                                   "train.epochs=2", "train.steps_per_epoch=3", "train.image_log_every=1"])
+result = train.train(config, sys.argv[3], progress=False)
+np.savez(sys.argv[4], *result.model.get_weights())
+"""
+
+
+def run_python(code: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_auto_rules(monkeypatch):
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    assert strategy.resolve_name("auto") == "default"  # this machine: no GPU, no TPU
+    assert strategy.resolve_name("auto", cpu_replicas=2) == "mirrored"
+    assert strategy.resolve_name("auto", tpu="my-tpu") == "tpu"
+    monkeypatch.setenv("TPU_NAME", "env-tpu")
+    assert strategy.resolve_name("auto") == "tpu"
+    assert strategy.resolve_name("mirrored") == "mirrored"
+    assert strategy.resolve_precision("auto", "tpu") == "mixed_bfloat16"
+    cpu = "mixed_bfloat16" if strategy.cpu_supports_bf16() else "float32"
+    assert strategy.resolve_precision("auto", "cpu") == cpu
+    assert strategy.resolve_precision("float32", "tpu") == "float32"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert strategy.resolve_precision("auto", "cpu") == "float32"
+
+
+def test_bad_tf_config_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        strategy.make_strategy("multiworker")
+
+
+@pytest.mark.slow
+def test_two_mirrored_replicas_match_one(records_dir, tmp_path):
+    proc = run_python(MIRRORED, SMOKE, records_dir, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    one, two = out["one"], out["two"]
+    assert (one["replicas"], two["replicas"]) == (1, 2)
+    # Same weights, same global batch: the same loss, and the same weights after two steps (so the
+    # gradients were averaged over the global batch and clipped by the norm of the full gradient).
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    assert one["losses"][1] != one["losses"][0]
+    for a, b in zip(one["weights"], two["weights"], strict=True):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=2e-5)
+    assert np.isfinite(out["fit"]["loss"]) and 0 <= out["fit"]["val_dice"] <= 1
+    assert "2 replicas" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_workers_end_with_identical_weights(records_dir, tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    run_dir = tmp_path / "run"
+    procs = []
+    for index in range(2):
+        tmp = tmp_path / f"tmp{index}"
+        tmp.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(tmp),
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(SMOKE), str(records_dir), str(run_dir), str(tmp_path / f"w{index}.npz")],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # a worker died and left the other waiting in a collective
+                proc.kill()
+                proc.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    chief, other = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
+    assert len(chief.files) == len(other.files) > 0
+    for key in chief.files:
+        np.testing.assert_array_equal(chief[key], other[key])
+    # Only the chief wrote the run folder; the other worker's scratch folder is gone.
+    assert "strategy multiworker (2 replicas on cpu)" in outputs[0]
+    assert "strategy multiworker" not in outputs[1]
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history] == ["epoch", "1", "2"]
+    assert (run_dir / "checkpoints" / "ckpt-2.index").exists() and (run_dir / "model.keras").exists()
+    assert not any((tmp_path / "tmp1").iterdir())

@@ -1,0 +1,125 @@
+"""Evaluate: small-component removal, volume reassembly (true masks score 1, nothing scores empty_score),
+the report files and table, and the SavedModel path agreeing with the Keras one."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from numpy.testing import assert_array_equal
+
+from tests.test_export import run_dir, saved_model  # noqa: F401  (session-wide tiny run and export)
+from tfseg import CLASSES, data, evaluate, metric, records
+from tfseg.config import load_config
+
+
+def blobs() -> np.ndarray:
+    """Two slices; class 0: 4 px and 9 px squares, class 1: a single pixel, class 2 (slice 1): a 9 px square
+    and two diagonal neighbours (one 8-connected component of 2 px)."""
+    masks = np.zeros((2, 20, 20, 3), np.uint8)
+    masks[0, 0:2, 0:2, 0] = 1
+    masks[0, 10:13, 10:13, 0] = 1
+    masks[0, 5, 5, 1] = 1
+    masks[1, 0:3, 0:3, 2] = 1
+    masks[1, 8, 8, 2] = masks[1, 9, 9, 2] = 1
+    return masks
+
+
+@pytest.mark.parametrize(("min_pixels", "kept"), [
+    (0, (13, 1, 11)),
+    (1, (13, 1, 11)),
+    (2, (13, 0, 11)),  # components smaller than min_pixels go; a 2 px diagonal pair is one component
+    (3, (13, 0, 9)),
+    (5, (9, 0, 9)),
+    (10, (0, 0, 0)),
+])
+def test_remove_small_components(min_pixels, kept):
+    masks = blobs()
+    out = evaluate.remove_small_components(masks, min_pixels)
+    assert tuple(int(out[..., c].sum()) for c in range(3)) == kept
+    assert out.dtype == np.uint8 and ((out == 0) | (out == masks)).all()  # only removes, never adds
+    assert_array_equal(masks, blobs())  # input untouched
+
+
+def test_true_masks_as_probabilities_score_one(records_dir):
+    truth = next(records.read_volumes(records_dir, [0]))["mask"]
+    pred = evaluate.postprocess(truth.astype(np.float32), threshold=0.5, min_component=0)
+    assert_array_equal(pred, truth)
+    assert metric.score_volume(pred, truth)["score"] == 1.0
+
+
+def test_reassembled_true_masks_score_one(records_dir):
+    """The whole path (batches straddling volumes, regrouping, restore_size, threshold, scoring against
+    the original-size records) scores exactly 1 when the 'model' returns the true masks."""
+    config = load_config(None, [f"data.records={records_dir}", "data.resize=pad_crop", "data.image_size=[272,272]",
+                                "model.depth=4"])  # pad_crop to 272 and back is exact for 266 px scans
+    stream = iter(data.eval_dataset(config, [0], 10))  # 10: batches straddle the 24-slice volumes
+
+    def oracle(scans):
+        batch = next(stream)
+        assert batch["image"].shape == scans.shape
+        return batch["mask"].numpy().astype(np.float32)
+
+    rows, summary = evaluate.evaluate(config, [0], oracle, batch_size=10, limit=2, progress=False)
+    assert summary["num_volumes"] == len(rows) == 2
+    assert all(row["score"] == 1.0 for row in rows) and summary["score"] == 1.0
+    assert summary["dice"] == 1.0 and summary["hausdorff"] == 0.0
+    assert 0.0 <= summary["empty_score"] < 1.0
+
+
+def test_empty_prediction_scores_empty_score(run_dir, records_dir):  # noqa: F811
+    config = load_config(run_dir / "config.yaml")
+    rows, summary = evaluate.evaluate(config, [0], lambda scans: np.zeros((*scans.shape[:3], 3), np.float32),
+                                      limit=2, progress=False)
+    assert summary["score"] == pytest.approx(summary["empty_score"], abs=1e-12)
+    for c in CLASSES:
+        assert summary[f"score_{c}"] == pytest.approx(summary[f"empty_score_{c}"], abs=1e-12)
+    # and empty_score is what the metric gives an all-empty volume, computed independently
+    volumes = [v for v, _ in zip(records.read_volumes(records_dir, [0]), range(2), strict=False)]
+    expected = [metric.score_volume(np.zeros_like(v["mask"]), v["mask"])["score"] for v in volumes]
+    assert [r["empty_score"] for r in rows] == pytest.approx(expected)
+    assert summary["empty_score"] == pytest.approx(np.mean(expected))
+
+
+ARGS = ["--no-progress", "--min-component", "20", "--limit", "2"]
+
+
+@pytest.fixture(scope="module")
+def keras_report(run_dir, tmp_path_factory):  # noqa: F811
+    """(report folder, printed text) of `python -m tfseg.evaluate --run RUN` on the tiny run."""
+    out = tmp_path_factory.mktemp("eval_keras")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert evaluate.main(["--run", str(run_dir), "--out", str(out), *ARGS]) == 0
+    return out, printed.getvalue()
+
+
+def test_cli_writes_report_and_prints_table(keras_report, records_dir):
+    out, printed = keras_report
+    table = pd.read_csv(out / "per_volume.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    first = [v["case_day"] for v, _ in zip(records.read_volumes(records_dir, [0]), range(2), strict=False)]
+    assert list(table["case_day"]) == first and summary["num_volumes"] == 2
+    for key in ("score", "dice", "hausdorff", "empty_score", *(f"score_{c}" for c in CLASSES)):
+        assert key in summary and key in table.columns
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["score"] == pytest.approx(table["score"].mean())
+    assert summary["threshold"] == 0.5 and summary["min_component"] == 20 and summary["folds"] == [0]
+    assert summary["model"].endswith("model.keras")
+    # the (untrained) model predicts organs, so it is not scored as the all-empty prediction
+    assert summary["score"] != pytest.approx(summary["empty_score"])
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for word in (*CLASSES, "all", "dice", "hausdorff", "score", "empty"):
+        assert word in printed
+    assert f"{summary['score']:.4f}" in printed and f"{summary['empty_score']:.4f}" in printed
+
+
+def test_saved_model_evaluates_like_keras(run_dir, saved_model, keras_report, tmp_path):  # noqa: F811
+    assert evaluate.main(["--run", str(run_dir), "--model", str(saved_model), "--out", str(tmp_path), *ARGS]) == 0
+    keras_rows = pd.read_csv(keras_report[0] / "per_volume.csv")
+    saved_rows = pd.read_csv(tmp_path / "per_volume.csv")
+    assert list(saved_rows["case_day"]) == list(keras_rows["case_day"])
+    assert np.abs(saved_rows["score"] - keras_rows["score"]).max() < 1e-3
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == str(saved_model)

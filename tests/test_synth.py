@@ -1,0 +1,185 @@
+import hashlib
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+
+from tfseg import CLASSES, overlay, rle, synth
+
+SCAN = re.compile(r"slice_(\d{4})_(\d+)_(\d+)_(\d+\.\d\d)_(\d+\.\d\d)\.png")
+
+
+def _hashes(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _table(root):
+    lines = (root / "train.csv").read_text().splitlines()
+    assert lines[0] == "id,class,segmentation"
+    return [line.split(",") for line in lines[1:]]
+
+
+def _volumes(root):
+    """{case_day: (scans uint16 [D, H, W], masks [D, H, W, 3])} read back through the Kaggle layout."""
+    rows = _table(root)
+    volumes = {}
+    for i in range(0, len(rows), 3):
+        sid = rows[i][0]
+        case_day, num = sid.rsplit("_slice_", 1)
+        [path] = (root / "train" / case_day.split("_")[0] / case_day / "scans").glob(f"slice_{num}_*.png")
+        scan = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        mask = np.stack([rle.decode(r[2], scan.shape) for r in rows[i:i + 3]], axis=-1)
+        volumes.setdefault(case_day, []).append((scan, mask))
+    return {k: (np.stack([s for s, _ in v]), np.stack([m for _, m in v])) for k, v in volumes.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return synth.make_dataset(tmp_path_factory.mktemp("tiny"), cases=3, seed=1, days=2, num_slices=24,
+                              workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def full_volumes(tmp_path_factory):
+    """Two case-days at their real depth (144 or 80 slices)."""
+    root = synth.make_dataset(tmp_path_factory.mktemp("deep"), cases=2, seed=0, days=1, workers=1,
+                              progress=False)
+    return _volumes(root)
+
+
+def test_layout_is_kaggle(tiny):
+    rows = _table(tiny)
+    assert len(rows) == 3 * 3 * 2 * 24  # three rows per slice, 3 cases x 2 days x 24 slices
+    ids = [r[0] for r in rows]
+    assert all(re.fullmatch(r"case\d+_day\d+_slice_\d{4}", i) for i in ids)
+    assert [r[1] for r in rows] == list(CLASSES) * (len(rows) // 3)
+    assert ids[::3] == ids[1::3] == ids[2::3]
+    assert len(set(ids)) == len(ids) // 3
+    days = Counter(i.split("_")[0] for i in set(i.rsplit("_slice_", 1)[0] for i in ids))
+    assert list(days.values()) == [2, 2, 2]
+    scans = sorted(tiny.glob("train/case*/case*_day*/scans/*.png"))
+    assert len(scans) == len(ids) // 3  # no stray files (temp files included)
+    for sid in ids[::3]:
+        case_day, num = sid.rsplit("_slice_", 1)
+        [path] = (tiny / "train" / case_day.split("_")[0] / case_day / "scans").glob(f"slice_{num}_*.png")
+        _, width, height, pw, ph = SCAN.fullmatch(path.name).groups()
+        scan = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert scan.dtype == np.uint16 and scan.shape == (int(height), int(width))
+        assert pw == ph and (int(width), int(height), float(pw)) in {s[:3] for s in synth.SIZES}
+
+
+def test_masks_decode_inside_images_and_every_class_appears(tiny):
+    volumes = _volumes(tiny)
+    totals = sum(mask.sum(axis=(0, 1, 2)) for _, mask in volumes.values())
+    assert (totals > 0).all()
+    for scans, mask in volumes.values():
+        present = mask.any(axis=(1, 2, 3))
+        assert present.any() and not present.all()  # organs come and go along the slice axis
+        assert scans.max() > 0
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tiny, tmp_path):
+    again = synth.make_dataset(tmp_path / "again", cases=3, seed=1, days=2, num_slices=24, workers=2,
+                               progress=False)
+    assert _hashes(again) == _hashes(tiny)
+    other = synth.make_dataset(tmp_path / "other", cases=3, seed=2, days=2, num_slices=24, workers=1,
+                               progress=False)
+    assert _hashes(other) != _hashes(tiny)
+    assert (other / "train.csv").read_bytes() != (tiny / "train.csv").read_bytes()
+
+
+def test_complete_dataset_is_not_rewritten(tiny):
+    before = (tiny / "train.csv").stat().st_mtime_ns
+    assert synth.make_dataset(tiny, cases=5, seed=9, progress=False) == tiny
+    assert (tiny / "train.csv").stat().st_mtime_ns == before
+
+
+def test_half_the_slices_are_empty(tiny, full_volumes):
+    assert {m.shape[0] for _, m in full_volumes.values()} <= {144, 80}
+    for _, mask in full_volumes.values():
+        assert 0.3 <= 1 - mask.any(axis=(1, 2, 3)).mean() <= 0.7
+    empty = np.concatenate([1 - m.any(axis=(1, 2, 3)) for _, m in _volumes(tiny).values()])
+    assert 0.3 <= empty.mean() <= 0.7
+
+
+def test_days_of_a_case_share_anatomy(tiny):
+    """Two days of one case overlap far more than two different cases do."""
+    by_case = {}
+    for case_day, (_, mask) in _volumes(tiny).items():
+        by_case.setdefault(case_day.split("_")[0], []).append(mask > 0)
+
+    def dice(x, y):
+        return 2 * (x & y).sum() / (x.sum() + y.sum()) if x.shape == y.shape else 0.0
+
+    same = [dice(*days) for days in by_case.values()]
+    firsts = [days[0] for days in by_case.values()]
+    other = [dice(x, y) for i, x in enumerate(firsts) for y in firsts[i + 1:]]
+    assert min(same) > 0.4 and min(same) > max(other) + 0.1
+
+
+def test_intensity_scale_differs_between_cases(tiny):
+    maxima = {}
+    for case_day, (scans, _) in _volumes(tiny).items():
+        case = case_day.split("_")[0]
+        maxima[case] = max(maxima.get(case, 0), int(scans.max()))
+    low, high = min(maxima.values()), max(maxima.values())
+    assert low < 2000 and high > 6000 and high > 4 * low
+
+
+def test_full_plan_matches_the_real_table():
+    volumes = synth.plan_volumes(seed=3, full=True)
+    assert len({v.case for v in volumes}) == 85 and len(volumes) == 274
+    assert sum(v.slices for v in volumes) == 38_496
+    sizes = Counter((v.width, v.height, v.spacing, v.slices) for v in volumes)
+    assert sizes == {(266, 266, 1.5, 144): 180, (360, 310, 1.5, 144): 78, (276, 276, 1.63, 80): 15,
+                     (234, 234, 1.5, 144): 1}
+    days = Counter(v.case for v in volumes)
+    assert min(days.values()) >= 1 and max(days.values()) <= synth.MAX_DAYS
+    assert len({(v.case, v.width, v.height) for v in volumes}) == 85  # one scanner set-up per case
+    assert synth.plan_volumes(seed=3, full=True) == volumes
+
+
+def test_draw_contours_outlines_masks():
+    scan = np.zeros((40, 50), np.uint16)
+    mask = np.zeros((40, 50, 3), np.uint8)
+    mask[10:30, 10:25, 0] = 1
+    pred = np.zeros((40, 50, 3), np.float32)
+    pred[5:35, 30:45, 2] = 0.9
+    image = overlay.draw_contours(scan, mask, pred)
+    assert image.shape == (40, 50, 3) and image.dtype == np.uint8
+    true_color, pred_color = overlay.CLASS_COLORS[0], overlay.lighter(overlay.CLASS_COLORS[2])
+    assert (image[10, 10:25] == true_color).all()  # a solid outline
+    assert (image[15:25, 15:20] == 0).all()  # the inside stays the scan
+    on_pred_edge = (image[5, 30:45] == pred_color).all(axis=-1)
+    assert 0 < on_pred_edge.sum() < on_pred_edge.size  # a dashed outline
+    with pytest.raises(ValueError, match="does not match"):
+        overlay.draw_contours(scan, mask[:20])
+
+
+def test_preview_command_writes_png(tiny, tmp_path):
+    out = tmp_path / "preview.png"
+    assert synth.main(["--out", str(tiny), "--preview", str(out)]) == 0
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape[0] > 300 and image.shape[1] > 300
+    tiles = image[: int(image.shape[0] * 0.85)].astype(int)  # above the legend
+    for bgr in (c[::-1] for c in overlay.CLASS_COLORS):  # every class outline is drawn somewhere
+        assert (np.abs(tiles - bgr).sum(axis=-1) < 30).any()
+
+
+@pytest.mark.slow
+def test_command_line_makes_dataset_and_preview(tmp_path):
+    out = tmp_path / "data"
+    cmd = [sys.executable, "-m", "tfseg.synth", "--out", str(out), "--cases", "1", "--days", "1",
+           "--slices", "12", "--no-progress", "--preview", str(tmp_path / "p.png")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (out / "train.csv").is_file() and (tmp_path / "p.png").is_file()
+    assert "wrote" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "tfseg.synth", "--full", "--days", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--full" in bad.stderr
