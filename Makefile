@@ -4,7 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo test test-fast lint clean-demo
+# Where the demo puts things (override on the command line, e.g. in tests/test_demo.py).
+DEMO_DATA ?= data/synth
+DEMO_RECORDS ?= records/synth
+DEMO_CONFIG ?= configs/cpu.yaml
+DEMO_RUN ?= runs/demo
+DEMO_MODEL ?= saved_models/demo/1
+SYNTH_OPTS ?=
+
+.PHONY: demo test test-fast lint
 
 # (Re)create the virtual environment when it is missing or requirements.txt changed.
 $(STAMP): requirements.txt
@@ -13,9 +21,18 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	cp requirements.txt $@
 
+# The whole pipeline on the built-in synthetic data. Rerunning reuses the finished steps
+# (dataset, records and training are no-ops when complete).
 demo: $(STAMP)
-	$(PY) -m tfseg.synth --out data/synth
-	$(PY) -m tfseg.synth --out data/synth --preview data/synth/preview.png
+	$(PY) -m tfseg.synth --out $(DEMO_DATA) $(SYNTH_OPTS) --preview $(DEMO_DATA)/preview.png
+	$(PY) -m tfseg.make_records --data-dir $(DEMO_DATA) --out $(DEMO_RECORDS)
+	$(PY) -m tfseg.train --config $(DEMO_CONFIG) --records $(DEMO_RECORDS) --run-dir $(DEMO_RUN)
+	$(PY) -m tfseg.evaluate --run $(DEMO_RUN)
+	$(PY) -m tfseg.export --run $(DEMO_RUN) --out $(DEMO_MODEL) --overwrite
+	$(PY) -m tfseg.predict --model $(DEMO_MODEL) --data-dir $(DEMO_DATA) --folds 0 \
+		--out $(DEMO_RUN)/submission.csv --overlays $(DEMO_RUN)/overlays
+	$(PY) -m tfseg.summary --run $(DEMO_RUN) --model $(DEMO_MODEL) \
+		--submission $(DEMO_RUN)/submission.csv --overlays $(DEMO_RUN)/overlays
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tfseg tests

@@ -51,7 +51,9 @@ def encode_volume(*, case_day: str, case: int, day: int, fold: int, height: int,
         "image_png": _bytes(image_png),
         "mask_png": _bytes(mask_png),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: the feature map's order otherwise depends on a per-process hash seed, and
+    # make_records promises identical bytes across runs and worker counts.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def parse_volume(serialized: tf.Tensor) -> dict:

@@ -17,6 +17,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -19,7 +19,6 @@ import re
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -179,12 +178,11 @@ def _volumes(todo: list[dict], workers: int, stack: contextlib.ExitStack):
         return map(read_volume, todo)
     # forkserver: workers start from a clean process that imported what they use (not this module: it
     # may be __main__, which each worker loads anew), never from a parent whose TensorFlow (or other)
-    # threads may hold locks; and a worker that dies raises BrokenProcessPool instead of hanging.
+    # threads may hold locks. Leaving the block terminates the pool: an error stops it at once.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tfseg.index", "tfseg.folds", "tfseg.scans", "tfseg.rle", "tqdm"])
-    pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init))
-    stack.callback(pool.shutdown, wait=False, cancel_futures=True)  # on errors: start no further volume
-    return pool.map(read_volume, todo)
+    pool = stack.enter_context(context.Pool(workers, initializer=_worker_init))
+    return pool.imap(read_volume, todo)
 
 
 # ---- the parent: shards, state, manifest ---------------------------------------------------------
@@ -366,15 +364,9 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
                             "Use --overwrite to replace them (or choose another --out)")
         say(f"{out}: replacing the records there ({'; '.join(diffs) or 'shard files missing or changed'})")
 
-    import tensorflow as tf
+    import tensorflow as tf  # only now that there is work to do: --help and no-op reruns stay quick
 
     from tfseg import features
-
-    def serialize(meta: dict, pieces: dict) -> bytes:
-        # encode_volume's bytes order the feature map by a per-process hash seed; deterministic
-        # serialization sorts it, so reruns (and resumed runs) write identical bytes.
-        example = tf.train.Example.FromString(features.encode_volume(**meta, **pieces))
-        return example.SerializeToString(deterministic=True)
 
     start_time = time.perf_counter()
     tasks, skipped = plan(data_dir, folds, on_error)
@@ -397,7 +389,7 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
                                            desc="records", disable=not progress, dynamic_ncols=True))
             for i, (task, (pieces, info)) in enumerate(zip(todo, _volumes(todo, workers, stack), strict=True),
                                                        start):
-                writer.add(i, pieces and serialize(task["meta"], pieces), info)
+                writer.add(i, pieces and features.encode_volume(**task["meta"], **pieces), info)
                 bar.update(slices[i])
             writer.close(len(tasks))
         manifest = _manifest(settings, state["shards"], state["infos"], skipped)

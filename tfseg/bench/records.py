@@ -6,6 +6,7 @@ or N synthetic case-days made for the purpose when data/synth-full does not exis
 once before timing so both runs find them in the page cache.
 """
 
+import os
 import shutil
 import tempfile
 import time
@@ -70,7 +71,7 @@ def run(args) -> dict:
         for scan in sorted(source.glob("train/*/*/scans/*.png")):
             scan.read_bytes()  # warm the page cache: both runs read from memory
         cases = len({p.name for p in (source / "train").iterdir()})
-        figures, shards = {}, {}
+        figures, shards = {"load_average_before": os.getloadavg()[0]}, {}  # others' work skews timings
         for workers in (1, 2):
             out = tmp / f"workers{workers}"
             start = time.perf_counter()
@@ -88,4 +89,5 @@ def run(args) -> dict:
         "speedup_2_vs_1": figures["slices_per_s_2"] / figures["slices_per_s_1"],
         "full_dataset_minutes_2": FULL_SLICES / figures["slices_per_s_2"] / 60,
         "same_bytes_1_vs_2": float(shards[1] == shards[2]),
+        "load_average_before": figures["load_average_before"],
     }
