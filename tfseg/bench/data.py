@@ -26,6 +26,7 @@ SIZE = 256
 OFFSETS = (-2, 0, 2)
 # Every augmentation on, grid distortion and coarse dropout included: the slowest training setting.
 FULL_AUGMENT = AugmentConfig(grid_distortion=0.03, dropout_holes=2)
+WARMUP_VOLUMES = 6  # volumes' worth of batches after the shuffle buffer is full, before timing
 
 
 def add_arguments(parser) -> None:
@@ -34,10 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", metavar="DIR", default=paths.SYNTH_DATA_DIR,
                         help="the Kaggle-layout folder the records came from; the notebook loader reads it "
                              "(default: %(default)s, the synthetic dataset, made if missing)")
-    parser.add_argument("--batches", type=int, default=20, metavar="N",
-                        help="batches per timing window, after warm-up (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timing windows per measurement; the best counts (default: %(default)s)")
+    parser.add_argument("--batches", type=int, default=100, metavar="N",
+                        help="timed batches per measurement, after warm-up; the pipeline needs many volumes' "
+                             "worth for a steady-state figure (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer,
                         help="slices in the pipeline's shuffle buffer (default: %(default)s)")
@@ -62,25 +62,20 @@ def _config(records_dir, batch_size: int, shuffle_buffer: int, augment: bool) ->
     return Config(data=data, augment=dataclasses.replace(FULL_AUGMENT, enabled=augment))
 
 
-def _rate(batches, count: int, warmup: int, repeats: int) -> tuple[float, float]:
-    """(images/s, CPU ms of this process per image) of an iterable of (x, y) batches: after `warmup`
-    batches, the best of `repeats` windows of `count` batches (other work on the machine only ever
-    slows a window down); CPU time per image over all windows, which stays comparable on a busy machine."""
+def _rate(batches, count: int, warmup: int) -> tuple[float, float]:
+    """(images/s, CPU ms of this process per image) over `count` batches of an iterable of (x, y)
+    batches, after `warmup` batches. CPU time per image stays comparable on a busy machine."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    best, cpu, images = 0.0, time.process_time(), 0
-    for _ in range(repeats):
-        start, window = time.perf_counter(), 0
-        for _ in range(count):
-            window += len(next(it)[0])
-        best = max(best, window / (time.perf_counter() - start))
-        images += window
-    return best, (time.process_time() - cpu) * 1000 / images
+    start, cpu, images = time.perf_counter(), time.process_time(), 0
+    for _ in range(count):
+        images += len(next(it)[0])
+    return images / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / images
 
 
-def pipeline_rate(records_dir, batches: int, repeats: int, batch_size: int, shuffle_buffer: int,
-                  augment: bool = True, cores: int | None = None) -> tuple[float, float]:
+def pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: int, augment: bool = True,
+                  cores: int | None = None) -> tuple[float, float]:
     """tfseg.data.train_dataset's (images/s, CPU ms per image); with `cores`, pinned to that many cores
     (call it in a fresh process: TensorFlow sizes its thread pools from the CPU affinity when it starts)."""
     if cores is not None:
@@ -97,8 +92,9 @@ def pipeline_rate(records_dir, batches: int, repeats: int, batch_size: int, shuf
         options = tf.data.Options()
         options.threading.private_threadpool_size = cores
         ds = ds.with_options(options)
-    # Warm-up fills the shuffle buffer and lets autotune settle before the clock starts.
-    return _rate(ds, batches, warmup=math.ceil(shuffle_buffer / batch_size) + 5, repeats=repeats)
+    # Warm-up fills the shuffle buffer, then drains the volumes decoded ahead meanwhile (timing them
+    # would flatter the pipeline) and lets autotune settle: only then does the clock start.
+    return _rate(ds, batches, warmup=math.ceil(shuffle_buffer / batch_size) + WARMUP_VOLUMES * 144 // batch_size)
 
 
 class NotebookLoader:
@@ -162,10 +158,10 @@ class NotebookLoader:
 def run(args) -> dict:
     data_dir, records_dir = _inputs(args)
     records.shard_files(records_dir)  # fails early and clearly on an incomplete folder
-    common = (records_dir, args.batches, args.repeats, args.batch_size, args.shuffle_buffer)
-    # The notebook loader first, before any tf.data threads exist in this process.
-    notebook, notebook_cpu = _rate(NotebookLoader(data_dir, args.batch_size), args.batches, warmup=2,
-                                   repeats=args.repeats)
+    common = (records_dir, args.batches, args.batch_size, args.shuffle_buffer)
+    # The notebook loader first, before any tf.data threads exist in this process. It buffers nothing,
+    # so a third of the batches give its steady rate.
+    notebook, notebook_cpu = _rate(NotebookLoader(data_dir, args.batch_size), max(1, args.batches // 3), warmup=2)
     pipeline, pipeline_cpu = pipeline_rate(*common, augment=True)
     figures = {"pipeline_img_per_s": pipeline, "no_aug_img_per_s": pipeline_rate(*common, augment=False)[0],
                "notebook_loader_img_per_s": notebook, "speedup_vs_notebook": pipeline / notebook,
