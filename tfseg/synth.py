@@ -191,7 +191,7 @@ class Phantom:
             (t["fluid"], at(0.0, -0.15, -0.16), (45, 35, 0.12 * zlen), 0.0),  # bladder
             (t["fluid"], at(-0.3, -0.38, 0.74), (14, 20, 0.08 * zlen), 0.5),  # gallbladder
         ]
-        for _ in range(rng.integers(2, 6)):  # cysts and fluid pockets
+        for _ in range(rng.integers(1, 5)):  # cysts and fluid pockets
             value = rng.choice([t["sb_lumen"], t["st_fluid"], t["lb_lumen"]]) * rng.uniform(0.9, 1.1)
             place = at(rng.uniform(-0.6, 0.6), rng.uniform(-0.55, 0.35), rng.uniform(-0.1, 1.1))
             blobs.append((value, place, rng.uniform(6, 16, 3), rng.uniform(0, np.pi)))
@@ -206,7 +206,7 @@ class Phantom:
         self.colon_r = rng.uniform(15, 20) * haustra * ends
         loops = _loops(rng, at(-0.05, -0.1, 0.45), np.array([0.5 * a, 0.45 * b, 0.28 * zlen]),
                        rng.uniform(1800, 2600), 2.5)
-        self.sb_r = rng.uniform(10, 13)
+        self.sb_r = rng.uniform(12, 15)
 
         rng = np.random.default_rng([seed, vol.case, vol.day])
         self.rng = rng  # per-slice textures and noise continue this stream
@@ -326,8 +326,8 @@ class Phantom:
                     np.copyto(img[win], value * texture[win], where=inside & cavity[win])
 
             # The organs, each confined to the cavity.
-            sb_out, sb_lumen = self._tubes(self.sb_px, [self.sb_r] * len(self.sb_px), z, 2.5)
-            lb_out, lb_lumen = self._tubes([self.colon_px], [self.colon_r], z, 2.5)
+            sb_out, sb_lumen = self._tubes(self.sb_px, [self.sb_r] * len(self.sb_px), z, 3.5)
+            lb_out, lb_lumen = self._tubes([self.colon_px], [self.colon_r], z, 3.0)
             stomach = np.zeros((h, w), bool)
             for centre, half, angle, win in self.stomach:
                 inside = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
@@ -337,7 +337,7 @@ class Phantom:
             lb_out &= cavity
             stomach &= cavity
             np.copyto(img, t["sb_wall"] * texture, where=sb_out)
-            np.copyto(img, t["sb_lumen"] * (texture + 0.04 * fine), where=sb_out & sb_lumen)
+            np.copyto(img, t["sb_lumen"] * (texture + 0.1 * fine), where=sb_out & sb_lumen)
             np.copyto(img, t["lb_wall"] * texture, where=lb_out)
             stool = np.where(coarse > 1.0, t["gas"], t["lb_lumen"] * (1 + 0.35 * fine))
             np.copyto(img, stool, where=lb_out & lb_lumen)
@@ -400,15 +400,11 @@ def make_dataset(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, f
     workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
     bar = tqdm(total=sum(v.slices for v in volumes), unit="slice", desc="synth", disable=not progress)
     rows = [HEADER]
-    if workers > 1:
-        # spawn, not fork: the caller may already have started TensorFlow's threads.
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
-            for vol, vol_rows in zip(volumes, pool.imap(_write_volume, jobs), strict=True):
-                rows += vol_rows
-                bar.update(vol.slices)
-    else:
-        for vol, job in zip(volumes, jobs, strict=True):
-            rows += _write_volume(job)
+    # Always in fresh spawned processes, even for one worker: the bytes then never depend on the
+    # caller's state (TensorFlow's threads, library thread pools), only on the seed.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
+        for vol, vol_rows in zip(volumes, pool.imap(_write_volume, jobs), strict=True):
+            rows += vol_rows
             bar.update(vol.slices)
     bar.close()
     with atomic_path(out / "train.csv") as tmp:
