@@ -72,6 +72,10 @@ def test_bad_yaml_file_names_the_problem(index, text, named, tmp_path, capsys):
 def test_bad_flag_values_name_the_key(tmp_path, capsys):
     assert cli.run(train.main, ["--config", str(CONFIGS[0]), "--epochs", "0", "--run-dir", str(tmp_path)]) == 2
     assert "train.epochs" in capsys.readouterr().err
+    for bad in ("x", "5,2", "0"):
+        argv = ["--config", str(CONFIGS[0]), "--profile-batches", bad, "--run-dir", str(tmp_path / "run")]
+        assert cli.run(train.main, argv) == 2
+        assert "train.profile_batches" in capsys.readouterr().err
     assert cli.run(train.main, ["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-EPOCHS = 3
+EPOCHS, STEPS = 3, 8
 
 
 def finished_epochs(run_dir: Path) -> list[int]:
@@ -24,7 +24,7 @@ def finished_epochs(run_dir: Path) -> list[int]:
         return []
 
 
-def command(records_dir, run_dir, *extra, epochs: int = EPOCHS, steps: int = 12) -> list[str]:
+def command(records_dir, run_dir, *extra, epochs: int = EPOCHS, steps: int = STEPS) -> list[str]:
     return [sys.executable, "-m", "tfseg.train", "--config", str(SMOKE), "--records", str(records_dir),
             "--run-dir", str(run_dir), "--epochs", str(epochs), "--set", f"train.steps_per_epoch={steps}",
             "--set", "train.image_log_every=0", *extra]
@@ -48,7 +48,8 @@ def test_killed_run_resumes_after_its_last_finished_epoch(records_dir, tmp_path)
             assert time.monotonic() < deadline, "no epoch finished in time:\n" + log.read_text()[-3000:]
             done = finished_epochs(run_dir)
             # The progress bar of the next epoch shows at least one step done: we are mid-epoch.
-            if done and re.search(rf"epoch {done[-1] + 1}/{EPOCHS}:\s+\d+%\|[^|]*\|\s*[1-9]\d*/12", log.read_text()):
+            mid_epoch = rf"epoch {done[-1] + 1}/{EPOCHS}:\s+\d+%\|[^|]*\|\s*[1-9]\d*/{STEPS}" if done else None
+            if mid_epoch and re.search(mid_epoch, log.read_text()):
                 break
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tfseg import CLASSES, files, losses, overlay
 from tfseg.config import Config, TrainConfig
+from tfseg.errors import ConfigError
 
 SUM = tf.distribute.ReduceOp.SUM
 CHECKPOINTS = "checkpoints"
@@ -151,7 +152,13 @@ def parse_profile(spec: str | None) -> tuple[int, int] | None:
     if not spec:
         return None
     first, _, last = str(spec).partition(",")
-    return int(first), int(last or first)
+    try:
+        steps = int(first), int(last or first)
+    except ValueError:
+        steps = (0, 0)
+    if not 1 <= steps[0] <= steps[1]:
+        raise ConfigError(f"train.profile_batches: expected START,STOP steps with 1 <= START <= STOP, got {spec!r}")
+    return steps
 
 
 def validation_images(dataset, count: int = IMAGES) -> tuple[np.ndarray | None, np.ndarray | None]:

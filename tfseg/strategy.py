@@ -17,11 +17,12 @@ import tensorflow as tf
 
 from tfseg.errors import ConfigError
 
-# x86 CPU flags with which oneDNN runs bfloat16 convolutions and matmuls faster than float32: native
-# bf16 instructions (avx512_bf16, amx_bf16), or AVX2, where oneDNN converts bf16 to float32 in
-# registers and still gains from halved memory traffic (1.35x measured on a 2-core AMD EPYC, AVX2).
-# ARM lists native bf16 as "bf16". float16 has no fast CPU kernels (7x slower): never auto on CPU.
-CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "avx2", "bf16"}
+# CPU flags of native bfloat16 arithmetic (x86 avx512_bf16 / amx_bf16, ARM "bf16"). Only with these
+# is mixed_bfloat16 the CPU default: on an AVX2-only CPU (2-core AMD EPYC, TF 2.21) bf16 convolutions
+# run forward about as fast as float32 but BACKWARD ~13x slower (no fast kernel), so training steps
+# were ~8x slower than float32 (XLA recovers part of it, still not faster than float32); float16 is
+# emulated on every CPU and never the default there.
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 def split_cpu(replicas: int) -> None:
@@ -115,7 +116,7 @@ def device_kind(strategy: tf.distribute.Strategy) -> str:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether oneDNN makes bfloat16 faster than float32 on this CPU (see CPU_BF16_FLAGS)."""
+    """Whether this CPU has native bfloat16 arithmetic (see CPU_BF16_FLAGS)."""
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0" or platform.system() != "Linux":
         return False
     try:
@@ -131,7 +132,7 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(precision: str, kind: str) -> str:
     """`auto` -> mixed_float16 on GPUs of compute capability >= 7 (tensor cores), mixed_bfloat16 on TPUs
-    and on CPUs where oneDNN runs bf16 fast, else float32. Explicit choices are kept."""
+    and on CPUs with native bf16 instructions, else float32. Explicit choices are kept."""
     if precision != "auto":
         return precision
     if kind == "tpu":

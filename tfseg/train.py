@@ -84,7 +84,8 @@ def prepare_run_dir(run_dir: Path, config: Config, *, fresh: bool, chief: bool) 
     resume = saved.exists() and not fresh
     if resume:
         old, new = _flat(load_config(saved)), _flat(config)
-        changed = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k] and k not in RESUMABLE_CHANGES]
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                   if old.get(k) != v and k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(f"{run_dir}: cannot resume, the run was started with another config ("
                               + "; ".join(changed) + "); pass --fresh to start over, or use another --run-dir")
@@ -100,6 +101,7 @@ def prepare_run_dir(run_dir: Path, config: Config, *, fresh: bool, chief: bool) 
 def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress: bool = True) -> Result:
     """Train under the strategy and precision of config.train; see the module docstring."""
     run_dir, t = Path(run_dir), config.train
+    loop.parse_profile(t.profile_batches)  # a bad value fails now, not mid-run
     strategy = strategy_lib.make_strategy(t.strategy, t.tpu, t.cpu_replicas)
     kind = strategy_lib.device_kind(strategy)
     resolved = copy.deepcopy(config)
@@ -108,10 +110,10 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     chief = strategy_lib.is_chief(strategy)
     log = loop.Log(chief, progress)
     folds = train_folds(config)
-    resume = prepare_run_dir(run_dir, resolved, fresh=fresh, chief=chief)
     batch = config.data.batch_size
     if batch % strategy.num_replicas_in_sync:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by the {strategy.num_replicas_in_sync} replicas")
+    resume = prepare_run_dir(run_dir, resolved, fresh=fresh, chief=chief)
     steps_per_epoch = t.steps_per_epoch or max(1, data.count_slices(config.data.records, folds,
                                                                     config.data.keep_empty) // batch)
     log(f"strategy {resolved.train.strategy} ({strategy.num_replicas_in_sync} replicas on {kind}), precision "
@@ -170,8 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: TPU if one is named, else all GPUs if more than one, else default "
                              "(train.strategy)")
     parser.add_argument("--precision", choices=CHOICES["train.precision"],
-                        help="auto: mixed_float16 on GPUs, mixed_bfloat16 on TPUs and bf16-capable CPUs, else "
-                             "float32 (train.precision)")
+                        help="auto: mixed_float16 on GPUs, mixed_bfloat16 on TPUs and on CPUs with native bf16, "
+                             "else float32 (train.precision)")
     parser.add_argument("--cpu-replicas", type=int, metavar="N",
                         help="split the CPU into N logical devices and mirror over them (tests; train.cpu_replicas)")
     parser.add_argument("--jit-compile", action="store_true",
