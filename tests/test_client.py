@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import processes
 from tests.test_export import saved_model, volume_pngs  # noqa: F401  (session-wide tiny export)
 from tfseg import client, index
 
@@ -46,12 +47,7 @@ def server(saved_model, tmp_path_factory):  # noqa: F811
         grpc_url, rest_url = READY.search(line).groups()
         yield {"grpc": grpc_url, "rest": rest_url}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc)
 
 
 @pytest.fixture(scope="module")

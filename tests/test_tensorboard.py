@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import processes
 from tfseg import loop, train
 from tfseg.config import load_config
 
@@ -66,9 +67,4 @@ def test_tensorboard_serves_the_run(smoke_run, tmp_path):
         images = get_json(f"{base}/data/plugin/images/tags")
         assert "predictions" in images["validation"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc)
