@@ -197,7 +197,7 @@ class Phantom:
             blobs.append((value, place, rng.uniform(6, 16, 3), rng.uniform(0, np.pi)))
         stomach = [(at(0.24, -0.2, 0.85), np.array([44, 38, 0.16 * zlen]), 0.2),  # fundus and body
                    (at(0.04, -0.38, 0.75), np.array([44, 22, 0.08 * zlen]), 0.3)]  # antrum
-        self.stomach_wall = rng.uniform(4, 6.5)
+        self.stomach_wall = rng.uniform(5, 7.5)
         colon = _resample(np.array([at(*p, jitter=0.025) for p in COLON]), 2.0)
         s = np.arange(len(colon)) * 2.0
         haustra = 0.9 + 0.16 * np.abs(np.sin(np.pi * s / rng.uniform(28, 40)))
@@ -337,7 +337,7 @@ class Phantom:
             lb_out &= cavity
             stomach &= cavity
             np.copyto(img, t["sb_wall"] * texture, where=sb_out)
-            np.copyto(img, t["sb_lumen"] * (texture + 0.1 * fine), where=sb_out & sb_lumen)
+            np.copyto(img, t["sb_lumen"] * (texture + 0.12 * coarse + 0.06 * fine), where=sb_out & sb_lumen)
             np.copyto(img, t["lb_wall"] * texture, where=lb_out)
             stool = np.where(coarse > 1.0, t["gas"], t["lb_lumen"] * (1 + 0.35 * fine))
             np.copyto(img, stool, where=lb_out & lb_lumen)
