@@ -37,9 +37,16 @@ def np_tversky(t, p, alpha, beta, smooth):
     return (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
 
 
+def np_soft_dice(t, p, smooth=1.0):
+    """[B, C] soft Dice."""
+    return (2 * (t * p).sum(axis=(1, 2)) + smooth) / (t.sum(axis=(1, 2)) + p.sum(axis=(1, 2)) + smooth)
+
+
 def np_bce_dice(t, p, bce_weight=1.0, dice_weight=1.0, smooth=1.0):
-    dice = (2 * (t * p).sum(axis=(1, 2)) + smooth) / (t.sum(axis=(1, 2)) + p.sum(axis=(1, 2)) + smooth)
-    return bce_weight * np_bce(t, p).mean(axis=(1, 2, 3)) + dice_weight * (1 - dice.mean(axis=-1))
+    """Dice term over the classes present in each example's truth (absent ones add 0)."""
+    present = t.sum(axis=(1, 2)) > 0
+    dice_term = np.where(present, 1 - np_soft_dice(t, p, smooth), 0.0).mean(axis=-1)
+    return bce_weight * np_bce(t, p).mean(axis=(1, 2, 3)) + dice_weight * dice_term
 
 
 def np_focal(t, p, gamma=2.0, alpha=0.25):
@@ -53,12 +60,21 @@ LOSS_CASES = [  # (loss class, kwargs, y_true, y_pred, expected per-example valu
     # all wrong: no overlap and |T| + |P| = pixels -> loss 1 - smooth / (pixels + smooth), near 1
     (BceDiceLoss, {"bce_weight": 0.0}, MASK, 1 - MASK, np.full(2, 1 - 1 / (N_PIXELS + 1))),
     (BceDiceLoss, {"bce_weight": 0.0}, EMPTY, EMPTY, np.zeros(2)),  # both empty -> Dice 1
+    # absent classes add no Dice loss, whatever is predicted (BCE keeps them empty) ...
+    (BceDiceLoss, {"bce_weight": 0.0}, EMPTY, PROBS, np.zeros(2)),
+    # ... present ones do: class 0 only, in example 0 only
+    (BceDiceLoss, {"bce_weight": 0.0}, np.where(np.arange(3) == 0, MASK, 0) * [[[[1]]], [[[0]]]], PROBS,
+     np.array([(1 - np_soft_dice(MASK, PROBS)[0, 0]) / 3, 0.0])),
+    (BceDiceLoss, {}, np.where(np.arange(3) == 1, MASK, 0), PROBS,
+     np_bce_dice(np.where(np.arange(3) == 1, MASK, 0), PROBS)),
     (BceDiceLoss, {"dice_weight": 0.0}, MASK, MASK, np.full(2, -np.log(1 - 1e-7))),  # clipped BCE ~0
     (BceDiceLoss, {}, MASK, PROBS, np_bce_dice(MASK, PROBS)),
     (BceDiceLoss, {"bce_weight": 0.3, "dice_weight": 0.7, "smooth": 0.5}, MASK, PROBS,
      np_bce_dice(MASK, PROBS, 0.3, 0.7, 0.5)),
     # alpha = beta = 0.5 is the Dice loss with twice the smoothing
     (TverskyLoss, {"alpha": 0.5, "beta": 0.5, "smooth": 0.5}, MASK, PROBS, np_bce_dice(MASK, PROBS, 0.0)),
+    # Tversky alone scores absent classes too (nothing else would keep them empty)
+    (TverskyLoss, {}, EMPTY, PROBS, 1 - np_tversky(EMPTY, PROBS, 0.3, 0.7, 1.0).mean(axis=-1)),
     (TverskyLoss, {}, MASK, PROBS, 1 - np_tversky(MASK, PROBS, 0.3, 0.7, 1.0).mean(axis=-1)),
     (TverskyLoss, {"alpha": 0.9, "beta": 0.1, "smooth": 2.0}, MASK, PROBS,
      1 - np_tversky(MASK, PROBS, 0.9, 0.1, 2.0).mean(axis=-1)),

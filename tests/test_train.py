@@ -4,11 +4,12 @@ precision keeps float32 outputs, NaN stops the run, a changed config refuses to 
 import csv
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import pytest
 
-from tfseg import CLASSES, cli, loop, train
+from tfseg import CLASSES, cli, curves, loop, train
 from tfseg.config import load_config
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
@@ -44,6 +45,8 @@ def test_run_folder_is_complete(smoke_run, records_dir):
     assert columns <= set(rows[0])
     assert np.allclose([float(r["val_dice"]) for r in rows], [h["val_dice"] for h in result.history], atol=1e-5)
     assert (run_dir / loop.BEST_WEIGHTS).exists()
+    curves = cv2.imread(str(run_dir / loop.CURVES))
+    assert curves is not None and curves.shape[0] > 200 and curves.shape[1] > 2 * curves.shape[0]
     assert len(list((run_dir / loop.CHECKPOINTS).glob("ckpt-*.index"))) >= 1
     assert list((run_dir / loop.LOGS / "train").glob("events.out.tfevents.*"))
     assert list((run_dir / loop.LOGS / "validation").glob("events.out.tfevents.*"))
@@ -93,3 +96,9 @@ def test_tpu_without_a_tpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.startswith("error: train.") and "TPU" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_curves_need_at_least_one_epoch(tmp_path):
+    with pytest.raises(ValueError, match="no epochs"):
+        curves.plot_history([], tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from tfseg import CLASSES, files, losses, overlay
+from tfseg import CLASSES, curves, files, losses, overlay
 from tfseg.config import Config, TrainConfig
 from tfseg.errors import ConfigError
 
@@ -28,6 +28,7 @@ CHECKPOINTS = "checkpoints"
 HISTORY = "history.csv"
 BEST_WEIGHTS = "best.weights.h5"
 FINAL_MODEL = "model.keras"
+CURVES = "curves.png"  # loss and validation Dice per epoch, for a glance
 LOGS = "logs"  # TensorBoard: logs/train and logs/validation
 IMAGES = 4  # validation slices shown in TensorBoard
 
@@ -258,6 +259,8 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
         tf.profiler.experimental.stop()
     if chief:
         save_keras(run_dir / FINAL_MODEL, model.save)
+        if history:
+            curves.plot_history(history, run_dir / CURVES)
         for writer in writers.values():
             writer.close()
     return history

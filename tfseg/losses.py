@@ -75,10 +75,13 @@ class _SegmentationLoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="tfseg")
 class BceDiceLoss(_SegmentationLoss):
-    """bce_weight * mean pixel BCE + dice_weight * (1 - soft Dice), per example.
+    """bce_weight * mean pixel BCE + dice_weight * Dice term, per example.
 
-    Soft Dice is (2 sum(p t) + smooth) / (sum p + sum t + smooth) per example and class, averaged
-    over classes: an empty true mask scores ~1 (loss ~0) only when the prediction is ~empty too.
+    Soft Dice is (2 sum(p t) + smooth) / (sum p + sum t + smooth) per example and class. The Dice term
+    is the mean over classes of (1 - soft Dice) for the classes present in the example's true mask and
+    0 for absent ones, as segmentation_models_pytorch's multilabel DiceLoss does: on an absent class
+    soft Dice only reaches 1 when every probability is far below smooth / pixels, a push toward empty
+    predictions that made small-organ training collapse; BCE alone keeps absent classes empty.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0, **kwargs):
@@ -89,8 +92,9 @@ class BceDiceLoss(_SegmentationLoss):
 
     def per_example(self, y_true, y_pred):
         bce = _mean_per_example(binary_crossentropy(y_true, y_pred))
-        dice = ops.mean(tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2), axis=-1)
-        return self.bce_weight * bce + self.dice_weight * (1.0 - dice)
+        dice = tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2)
+        present = ops.cast(ops.sum(y_true, axis=list(range(1, len(y_true.shape) - 1))) > 0, "float32")
+        return self.bce_weight * bce + self.dice_weight * ops.mean(present * (1.0 - dice), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
