@@ -96,3 +96,11 @@ def test_select_by_fold_and_case_day(records_dir, synth_dir):
     assert set(predict.select(table, case_days=[one])["case_day"]) == {one}
     with pytest.raises(DataError, match="case999_day1"):
         predict.select(table, case_days=["case999_day1"])
+
+
+def test_overlays_show_the_slices_with_the_most_organ():
+    masks = np.zeros((8, 4, 4, 3), np.uint8)  # uint8 like predict's masks: a negated uint sum would wrap
+    for i, pixels in {1: 5, 4: 9, 6: 1, 7: 3}.items():
+        masks[i].reshape(-1)[:pixels] = 1
+    assert predict.most_organ_slices(masks, 3) == [1, 4, 7]
+    assert predict.most_organ_slices(masks, 20) == list(range(8))

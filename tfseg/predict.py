@@ -70,11 +70,16 @@ def select(table: pd.DataFrame, case_days=None, folds=None, records_dir=None) ->
     return table
 
 
+def most_organ_slices(pred: np.ndarray, count: int) -> list[int]:
+    """Indices (in slice order) of the `count` slices of [D, H, W, C] masks with the most organ pixels."""
+    area = pred.reshape(len(pred), -1).sum(axis=1, dtype=np.int64)  # signed: -area of uint8 sums wraps
+    return sorted(int(i) for i in np.argsort(-area, kind="stable")[:count])
+
+
 def overlay_grid(path: Path, case_day: str, scan_paths: list[str], pred: np.ndarray, truth=None,
                  count: int = 6) -> None:
     """Contours of a few slices with the most predicted organ (solid: truth when known, dashed: predicted)."""
-    area = pred.reshape(len(pred), -1).sum(axis=1)
-    chosen = sorted(np.argsort(-area, kind="stable")[:count])
+    chosen = most_organ_slices(pred, count)
     images = [overlay.draw_contours(scans.read_scan(scan_paths[i]), None if truth is None else truth[i], pred[i])
               for i in chosen]
     overlay.save_grid(images, [f"{case_day} slice {i + 1}" for i in chosen], path, pred=True)
