@@ -283,7 +283,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path, capsys)
     data, out = tmp_path / "data", tmp_path / "rec"
     write_layout(data, {f"case{c}_day1": (60, 128, 128) for c in range(1, 11)})
     args = ["--data-dir", str(data), "--out", str(out), "--folds", "2", "--shard-mb", "0.01",
-            "--workers", "1"]
+            "--workers", "2"]  # workers hand volumes over in temp files: the rerun must clear those too
     proc = subprocess.Popen([sys.executable, "-m", "tfseg.make_records", *args, "--no-progress"], cwd=REPO,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

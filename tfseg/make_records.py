@@ -1,8 +1,11 @@
 """Turn a Kaggle-layout folder into sharded TFRecords (one Example per case-day volume) and a manifest.
 
 Shards are grouped by fold (`fold{k}-{i:05d}-of-{n:05d}.tfrecord`), so choosing folds is choosing
-files. Worker processes read and check the scans and masks of a volume; the parent serializes and
-writes volumes in a fixed order, so the bytes do not depend on the number of workers. Shards are
+files. Worker processes read and check the scans and masks of a volume and serialize it (without
+TensorFlow: features.encode_volume); the parent writes the records in a fixed order, so the bytes do
+not depend on the number of workers. Workers hand records over in temp files, not through the pool's
+pipe: Python's multiprocessing reads a large message with one allocation per pipe-sized chunk, which
+cost the parent more CPU than the workers' whole job on 15 MB volumes. Shards are
 hidden temp files until every volume has been read, then renamed; manifest.json comes last and marks
 the folder complete. A small state file lists finished temp shards (with sha256), so a killed run
 resumes where it stopped. TensorFlow is imported only once there is work to do: --help, no-op reruns
@@ -11,6 +14,7 @@ and refusals are instant, and the workers (which never need it) start fast.
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -25,7 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tfseg import CLASSES, __version__, cli, files, paths, rle, scans
+from tfseg import CLASSES, __version__, cli, features, files, paths, rle, scans
 from tfseg.errors import ConfigError, DataError
 from tfseg.folds import FOLD_SEED, assign_folds
 from tfseg.index import scan_dataset
@@ -34,7 +38,9 @@ from tfseg.records import SHARD_PATTERN, shard_name
 MANIFEST = "manifest.json"
 STATE = ".make_records-state.json"
 TEMP_SHARD = re.compile(r"\.fold\d+-\d{5}\.tfrecord\.tmp")
+TEMP_VOLUME = re.compile(r"\.volume-\d{5}\.tmp")  # a worker's serialized volume, waiting to be written
 ATOMIC_TEMP = re.compile(rf"\.({re.escape(MANIFEST)}|{re.escape(STATE)})\..+\.tmp")  # files.atomic_path's
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 RECORD_OVERHEAD = 16  # TFRecord framing per record: length, its CRC, the data's CRC
 
 
@@ -133,9 +139,9 @@ def _read_slice(task: dict, slice_id: str, path: str, rles) -> tuple[bytes, list
     return png, layers
 
 
-def read_volume(task: dict) -> tuple[dict | None, dict]:
-    """Worker: one volume -> (encode_volume's slices, image_png, mask_png, or None if it is left out;
-    an info dict for the manifest: counts, organ content, skipped input)."""
+def read_volume(task: dict) -> tuple[bytes | None, dict]:
+    """Worker: one volume -> (its serialized Example, or None if it is left out; an info dict for the
+    manifest: counts, organ content, skipped input)."""
     meta = task["meta"]
     info = {"case_day": meta["case_day"], "case": meta["case"], "fold": meta["fold"], "stored": False,
             "slices": 0, "size": f"{meta['width']}x{meta['height']}", "skipped": []}
@@ -164,25 +170,51 @@ def read_volume(task: dict) -> tuple[dict | None, dict]:
                                 f"bad slice(s) {bad} would leave {'a gap' if nums else 'no slice'}"})
         return None, info
     info.update(stored=True, slices=len(nums))
-    return {"slices": nums, "image_png": images, "mask_png": masks}, info
+    return features.encode_volume(**meta, slices=nums, image_png=images, mask_png=masks), info
+
+
+def _read_volume_to_file(task_and_path: tuple[dict, str]) -> tuple[str | None, dict]:
+    """Pool worker: read_volume, with the record written to the given temp file (see the module doc)."""
+    task, path = task_and_path
+    record, info = read_volume(task)
+    if record is None:
+        return None, info
+    Path(path).write_bytes(record)
+    return path, info
+
+
+def _take(result: tuple[str | None, dict]) -> tuple[bytes | None, dict]:
+    path, info = result
+    if path is None:
+        return None, info
+    record = Path(path).read_bytes()
+    os.unlink(path)
+    return record, info
 
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Die with the forkserver, which exits as soon as make_records does (even on kill -9): an orphan
+    # would finish its volume and drop a temp file into the folder that a rerun is already using.
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     cv2.setNumThreads(1)
 
 
-def _volumes(todo: list[dict], workers: int, stack: contextlib.ExitStack):
-    """read_volume over todo, results in order: in this process, or in a pool of workers."""
+def _volumes(todo: list[dict], first: int, out: Path, workers: int, stack: contextlib.ExitStack):
+    """read_volume over todo (task numbers from `first`), results in order: in this process, or in a
+    pool of workers."""
     if workers == 1:
         return map(read_volume, todo)
     # forkserver: workers start from a clean process that imported what they use (not this module: it
     # may be __main__, which each worker loads anew), never from a parent whose TensorFlow (or other)
     # threads may hold locks. Leaving the block terminates the pool: an error stops it at once.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tfseg.index", "tfseg.folds", "tfseg.scans", "tfseg.rle", "tqdm"])
+    context.set_forkserver_preload(["tfseg.features", "tfseg.index", "tfseg.folds", "tfseg.scans", "tfseg.rle",
+                                    "tqdm"])
     pool = stack.enter_context(context.Pool(workers, initializer=_worker_init))
-    return pool.imap(read_volume, todo)
+    temps = [str(out / f".volume-{i:05d}.tmp") for i in range(first, first + len(todo))]
+    return map(_take, pool.imap(_read_volume_to_file, zip(todo, temps, strict=True)))
 
 
 # ---- the parent: shards, state, manifest ---------------------------------------------------------
@@ -264,7 +296,8 @@ def _resume(out: Path, key: dict, n_tasks: int) -> dict:
 def _clean(out: Path, keep: set[str]) -> None:
     """Remove temp files of earlier runs except the finished shards being reused."""
     for path in out.iterdir():
-        if (TEMP_SHARD.fullmatch(path.name) and path.name not in keep) or ATOMIC_TEMP.fullmatch(path.name):
+        if ((TEMP_SHARD.fullmatch(path.name) and path.name not in keep) or ATOMIC_TEMP.fullmatch(path.name)
+                or TEMP_VOLUME.fullmatch(path.name)):
             path.unlink(missing_ok=True)
 
 
@@ -366,8 +399,6 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
 
     import tensorflow as tf  # only now that there is work to do: --help and no-op reruns stay quick
 
-    from tfseg import features
-
     start_time = time.perf_counter()
     tasks, skipped = plan(data_dir, folds, on_error)
     created = not out.exists()
@@ -387,9 +418,8 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
         with contextlib.ExitStack() as stack:
             bar = stack.enter_context(tqdm(total=sum(slices), initial=sum(slices[:start]), unit="slice",
                                            desc="records", disable=not progress, dynamic_ncols=True))
-            for i, (task, (pieces, info)) in enumerate(zip(todo, _volumes(todo, workers, stack), strict=True),
-                                                       start):
-                writer.add(i, pieces and features.encode_volume(**task["meta"], **pieces), info)
+            for i, (record, info) in enumerate(_volumes(todo, start, out, workers, stack), start):
+                writer.add(i, record, info)
                 bar.update(slices[i])
             writer.close(len(tasks))
         manifest = _manifest(settings, state["shards"], state["infos"], skipped)
