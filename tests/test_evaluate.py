@@ -1,4 +1,4 @@
-"""Evaluate: small-component removal, volume reassembly (true masks score 1, nothing scores empty_score),
+"""Evaluate: volume reassembly (true masks score 1, nothing scores empty_score),
 the report files and table, and the SavedModel path agreeing with the Keras one."""
 
 import contextlib
@@ -13,34 +13,6 @@ from numpy.testing import assert_array_equal
 from tests.test_export import run_dir, saved_model  # noqa: F401  (session-wide tiny run and export)
 from tfseg import CLASSES, data, evaluate, metric, records
 from tfseg.config import load_config
-
-
-def blobs() -> np.ndarray:
-    """Two slices; class 0: 4 px and 9 px squares, class 1: a single pixel, class 2 (slice 1): a 9 px square
-    and two diagonal neighbours (one 8-connected component of 2 px)."""
-    masks = np.zeros((2, 20, 20, 3), np.uint8)
-    masks[0, 0:2, 0:2, 0] = 1
-    masks[0, 10:13, 10:13, 0] = 1
-    masks[0, 5, 5, 1] = 1
-    masks[1, 0:3, 0:3, 2] = 1
-    masks[1, 8, 8, 2] = masks[1, 9, 9, 2] = 1
-    return masks
-
-
-@pytest.mark.parametrize(("min_pixels", "kept"), [
-    (0, (13, 1, 11)),
-    (1, (13, 1, 11)),
-    (2, (13, 0, 11)),  # components smaller than min_pixels go; a 2 px diagonal pair is one component
-    (3, (13, 0, 9)),
-    (5, (9, 0, 9)),
-    (10, (0, 0, 0)),
-])
-def test_remove_small_components(min_pixels, kept):
-    masks = blobs()
-    out = evaluate.remove_small_components(masks, min_pixels)
-    assert tuple(int(out[..., c].sum()) for c in range(3)) == kept
-    assert out.dtype == np.uint8 and ((out == 0) | (out == masks)).all()  # only removes, never adds
-    assert_array_equal(masks, blobs())  # input untouched
 
 
 def test_true_masks_as_probabilities_score_one(records_dir):

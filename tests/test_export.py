@@ -90,6 +90,7 @@ def test_layout_warmup_and_info(saved_model):
     assert info["classes"] == list(CLASSES) and info["offsets"] == [-2, 0, 2]
     assert info["input_size"] == [64, 64] and info["threshold"] == 0.5
     assert info["config"]["model"]["base_filters"] == 8
+    assert info["min_component_fraction"] == info["config"]["train"]["min_component_fraction"]  # predict's 3D step
 
 
 @pytest.mark.slow

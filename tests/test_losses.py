@@ -49,6 +49,12 @@ def np_bce_dice(t, p, bce_weight=1.0, dice_weight=1.0, smooth=1.0):
     return bce_weight * np_bce(t, p).mean(axis=(1, 2, 3)) + dice_weight * dice_term
 
 
+def np_batch_dice_term(t, p, smooth=1.0):
+    """[B] (all equal): the Dice term with the batch's pixels scored at once, classes absent from the batch 0."""
+    dice = np_soft_dice(t.reshape(1, -1, *t.shape[2:]), p.reshape(1, -1, *p.shape[2:]), smooth)[0]
+    return np.full(len(t), np.where(t.sum(axis=(0, 1, 2)) > 0, 1 - dice, 0.0).mean())
+
+
 def np_focal(t, p, gamma=2.0, alpha=0.25):
     p_t = np.where(t == 1, p, 1 - p)
     alpha_t = np.where(t == 1, alpha, 1 - alpha)
@@ -67,6 +73,12 @@ LOSS_CASES = [  # (loss class, kwargs, y_true, y_pred, expected per-example valu
      np.array([(1 - np_soft_dice(MASK, PROBS)[0, 0]) / 3, 0.0])),
     (BceDiceLoss, {}, np.where(np.arange(3) == 1, MASK, 0), PROBS,
      np_bce_dice(np.where(np.arange(3) == 1, MASK, 0), PROBS)),
+    # batch_dice: false positives in an example without the class now cost Dice as well
+    (BceDiceLoss, {"bce_weight": 0.0, "batch_dice": True}, np.where(np.arange(3) == 0, MASK, 0) * [[[[1]]], [[[0]]]],
+     PROBS, np_batch_dice_term(np.where(np.arange(3) == 0, MASK, 0) * [[[[1]]], [[[0]]]], PROBS)),
+    (BceDiceLoss, {"batch_dice": True}, MASK, PROBS, np_bce(MASK, PROBS).mean(axis=(1, 2, 3)) +
+     np_batch_dice_term(MASK, PROBS)),
+    (BceDiceLoss, {"bce_weight": 0.0, "batch_dice": True}, EMPTY, PROBS, np.zeros(2)),
     (BceDiceLoss, {"dice_weight": 0.0}, MASK, MASK, np.full(2, -np.log(1 - 1e-7))),  # clipped BCE ~0
     (BceDiceLoss, {}, MASK, PROBS, np_bce_dice(MASK, PROBS)),
     (BceDiceLoss, {"bce_weight": 0.3, "dice_weight": 0.7, "smooth": 0.5}, MASK, PROBS,
@@ -134,7 +146,8 @@ def test_custom_distributed_step_matches_numpy():
 
 
 @pytest.mark.parametrize(("name", "kwargs", "cls"), [
-    ("bce_dice", {"smooth": 2.0}, BceDiceLoss), ("tversky", {"alpha": 0.2}, TverskyLoss),
+    ("bce_dice", {"smooth": 2.0}, BceDiceLoss), ("bce_dice", {"batch_dice": True}, BceDiceLoss),
+    ("tversky", {"alpha": 0.2}, TverskyLoss),
     ("focal", {"gamma": 1.5}, FocalLoss)])
 def test_get_loss_and_serialization(name, kwargs, cls):
     loss = get_loss(name, **kwargs)

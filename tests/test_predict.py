@@ -62,10 +62,10 @@ def test_masks_match_evaluate(run_dir, served, synth_dir):  # noqa: F811
     """Same model, same volume: predict (SavedModel PNG signature, file bytes) == evaluate (Keras, records)."""
     config, model, _ = export.load_run_model(run_dir)
     case_day, probabilities = next(evaluate.predict_volumes(config, [0], evaluate.keras_predictor(model)))
-    expected = evaluate.postprocess(probabilities, config.train.threshold, 20)
+    expected = evaluate.postprocess(probabilities, config.train.threshold, 20, 0.3)
     serve, info = served
     _, pngs = volume_pngs(synth_dir, case_day)
-    got = predict.predict_volume(serve, pngs, info["offsets"], min_component=20)
+    got = predict.predict_volume(serve, pngs, info["offsets"], min_component=20, min_fraction=0.3)
     assert got.shape == expected.shape and got.dtype == np.uint8
     assert expected.sum() > 0
     # float32 sums in different batch shapes may flip a pixel sitting exactly at the threshold, no more

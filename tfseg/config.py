@@ -66,6 +66,7 @@ class LossConfig:
     name: str = "bce_dice"  # bce_dice | tversky | focal
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    batch_dice: bool = False  # bce_dice: Dice over the whole batch, not per slice (see losses.BceDiceLoss)
     tversky_alpha: float = 0.3
     tversky_beta: float = 0.7
     focal_gamma: float = 2.0
@@ -91,6 +92,7 @@ class TrainConfig:
     image_log_every: int = 5  # epochs between validation images in TensorBoard (0: never)
     profile_batches: str | None = None  # e.g. "10,20": capture a TensorBoard profile
     min_component: int = 0  # evaluate: drop predicted components smaller than this (pixels per slice)
+    min_component_fraction: float = 0.0  # evaluate, predict: drop 3D components under this x the largest
 
 
 @dataclass
@@ -197,6 +199,7 @@ def validate(config: Config) -> Config:
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1 or null"),
         (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
         (0 < t.threshold < 1, "train.threshold", "must be in (0, 1)"),
+        (0 <= t.min_component_fraction <= 1, "train.min_component_fraction", "must be in [0, 1]"),
         (t.cpu_replicas >= 0, "train.cpu_replicas", "must be >= 0"),
     ]
     for ok, key, message in checks:

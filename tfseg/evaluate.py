@@ -2,7 +2,8 @@
 
 `python -m tfseg.evaluate --run runs/NAME` predicts every volume of the validation folds, takes the
 probabilities back to each scan's original size, thresholds them (train.threshold), drops small
-components (train.min_component, per slice), scores every case-day (0.4 x 3D Dice + 0.6 x (1 - 3D
+components (train.min_component pixels per slice, then 3D pieces under train.min_component_fraction of
+each organ's largest), scores every case-day (0.4 x 3D Dice + 0.6 x (1 - 3D
 Hausdorff)) and writes eval/per_volume.csv, eval/summary.json and eval/scores.png. The score of an
 all-empty prediction is reported beside it: it is what a model that finds nothing would get.
 """
@@ -12,13 +13,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from tfseg import CLASSES, cli, data, export, files, metric, records
+from tfseg import CLASSES, cli, components, data, export, files, metric, records
 from tfseg.config import Config, load_config
 from tfseg.errors import ConfigError, DataError
 
@@ -27,28 +27,10 @@ Predictor = Callable[[tf.Tensor], np.ndarray]  # scans [B, h, w, K] -> probabili
 
 # ---- masks from probabilities ----------------------------------------------------------------------
 
-def remove_small_components(masks: np.ndarray, min_pixels: int) -> np.ndarray:
-    """Drop 8-connected components smaller than min_pixels from masks [..., H, W, C], per slice and class."""
-    if min_pixels <= 1:
-        return masks
-    out = np.array(masks, np.uint8, copy=True)
-    flat = out.reshape(-1, *out.shape[-3:])
-    for image in flat:
-        for c in range(image.shape[-1]):
-            channel = np.ascontiguousarray(image[..., c])
-            if not channel.any():
-                continue
-            _, labels, stats, _ = cv2.connectedComponentsWithStats(channel, connectivity=8)
-            small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_pixels)
-            small = small[small > 0]  # label 0 is the background
-            if small.size:
-                image[..., c][np.isin(labels, small)] = 0
-    return out
-
-
-def postprocess(probabilities, threshold: float, min_component: int = 0) -> np.ndarray:
-    """Probabilities [..., H, W, 3] at the original size -> uint8 0/1 masks (what evaluate and predict score)."""
-    return remove_small_components(np.asarray(export.to_masks(probabilities, threshold)), min_component)
+def postprocess(probabilities, threshold: float, min_component: int = 0, min_fraction: float = 0.0) -> np.ndarray:
+    """One volume's probabilities [D, H, W, 3] at the original size -> uint8 0/1 masks (what evaluate and
+    predict score), without components below min_component pixels per slice or min_fraction in 3D."""
+    return components.clean(np.asarray(export.to_masks(probabilities, threshold)), min_component, min_fraction)
 
 
 # ---- predicting whole volumes ----------------------------------------------------------------------
@@ -99,12 +81,13 @@ def count_volumes(records_dir, folds) -> int | None:
 
 
 def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16, threshold: float | None = None,
-             min_component: int | None = None, limit: int | None = None, progress: bool = True
-             ) -> tuple[list[dict], dict]:
+             min_component: int | None = None, min_fraction: float | None = None, limit: int | None = None,
+             progress: bool = True) -> tuple[list[dict], dict]:
     """Score every volume of `folds` (the first `limit` only, if given): (per-volume rows, summary with
     num_volumes and empty_score)."""
     threshold = config.train.threshold if threshold is None else threshold
     min_component = config.train.min_component if min_component is None else min_component
+    min_fraction = config.train.min_component_fraction if min_fraction is None else min_fraction
     truths = records.read_volumes(config.data.records, folds)  # the same records, in the same order
     rows, empty_rows = [], []
     total = count_volumes(config.data.records, folds)
@@ -116,7 +99,7 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
         if truth["case_day"] != case_day:
             raise DataError(f"{config.data.records}: evaluation stream and records disagree "
                             f"({case_day} vs {truth['case_day']})")
-        pred = postprocess(probabilities, threshold, min_component)
+        pred = postprocess(probabilities, threshold, min_component, min_fraction)
         empty = metric.score_volume(np.zeros_like(truth["mask"]), truth["mask"])
         rows.append({"case_day": case_day, "depth": pred.shape[0], "height": pred.shape[1], "width": pred.shape[2]}
                     | metric.score_volume(pred, truth["mask"]) | {"empty_score": empty["score"]})
@@ -132,7 +115,8 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
     empty = metric.summarize(empty_rows)
     summary = {"num_volumes": summary.pop("volumes"), **summary, "empty_score": empty["score"],
                **{f"empty_score_{c}": empty[f"score_{c}"] for c in CLASSES},
-               "threshold": threshold, "min_component": min_component, "folds": [int(f) for f in folds]}
+               "threshold": threshold, "min_component": min_component,
+               "min_component_fraction": min_fraction, "folds": [int(f) for f in folds]}
     return rows, summary
 
 
@@ -190,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-component", type=int,
                         help="drop predicted components smaller than this many pixels per slice "
                              "(default: the run's train.min_component)")
+    parser.add_argument("--min-component-fraction", type=float,
+                        help="drop predicted 3D components smaller than this fraction of the organ's largest "
+                             "(default: the run's train.min_component_fraction)")
     parser.add_argument("--limit", type=int, help="score only the first LIMIT volumes (a quick look)")
     parser.add_argument("--out", help="report folder (default: RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -208,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         config, model, source = export.load_run_model(args.run)
         predict = keras_predictor(model)
     rows, summary = evaluate(config, folds, predict, batch_size=args.batch_size, threshold=args.threshold,
-                             min_component=args.min_component, limit=args.limit, progress=not args.no_progress)
+                             min_component=args.min_component, min_fraction=args.min_component_fraction,
+                             limit=args.limit, progress=not args.no_progress)
     summary["model"] = str(source)
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     write_report(out, rows, summary)

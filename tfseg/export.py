@@ -206,6 +206,7 @@ def export_info(config: config_lib.Config, source: Path | None, chunk: int) -> d
         "offsets": list(d.offsets),
         "threshold": config.train.threshold,
         "min_component": config.train.min_component,
+        "min_component_fraction": config.train.min_component_fraction,
         "input_size": list(d.image_size),
         "clip_percentiles": list(d.clip_percentiles),
         "resize": d.resize,

@@ -82,19 +82,31 @@ class BceDiceLoss(_SegmentationLoss):
     0 for absent ones, as segmentation_models_pytorch's multilabel DiceLoss does: on an absent class
     soft Dice only reaches 1 when every probability is far below smooth / pixels, a push toward empty
     predictions that made small-organ training collapse; BCE alone keeps absent classes empty.
+
+    batch_dice (nnU-Net's option of that name) scores the batch's pixels at once instead: false
+    positives on a slice without the organ then cost Dice too (per example they only cost BCE, which
+    on a 128 x 128 slice is a tiny penalty). Under a strategy each replica scores its own part of the
+    global batch, so the loss then depends a little on the number of replicas.
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0, **kwargs):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 batch_dice: bool = False, **kwargs):
         _check(bce_weight >= 0 and dice_weight >= 0 and bce_weight + dice_weight > 0,
                f"bce_dice: weights must be >= 0 and not both 0, got {bce_weight}, {dice_weight}")
         super().__init__("bce_dice", {"bce_weight": bce_weight, "dice_weight": dice_weight, "smooth": smooth},
                          **kwargs)
+        self.batch_dice = bool(batch_dice)
 
     def per_example(self, y_true, y_pred):
         bce = _mean_per_example(binary_crossentropy(y_true, y_pred))
+        if self.batch_dice:  # the whole batch as one image: every example gets the batch's Dice term
+            y_true, y_pred = y_true[None], y_pred[None]
         dice = tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2)
         present = ops.cast(ops.sum(y_true, axis=list(range(1, len(y_true.shape) - 1))) > 0, "float32")
         return self.bce_weight * bce + self.dice_weight * ops.mean(present * (1.0 - dice), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "batch_dice": self.batch_dice}
 
 
 @keras.saving.register_keras_serializable(package="tfseg")

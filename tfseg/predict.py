@@ -19,10 +19,9 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from tfseg import CLASSES, cli, export, files, index, metric, overlay, records, rle, scans
+from tfseg import CLASSES, cli, components, export, files, index, metric, overlay, records, rle, scans
 from tfseg.client import context_rows
 from tfseg.errors import DataError
-from tfseg.evaluate import remove_small_components
 
 
 def load_model(path: str | Path):
@@ -40,7 +39,7 @@ def load_model(path: str | Path):
 
 
 def predict_volume(serve, pngs: list[bytes], offsets, batch_size: int = 0, *,
-                   min_component: int = 0, name: str = "volume") -> np.ndarray:
+                   min_component: int = 0, min_fraction: float = 0.0, name: str = "volume") -> np.ndarray:
     """Masks uint8 [D, H, W, 3] for one volume's scans (PNG bytes in slice order)."""
     rows = context_rows(pngs, offsets)
     step = batch_size if batch_size > 0 else len(rows)
@@ -51,7 +50,7 @@ def predict_volume(serve, pngs: list[bytes], offsets, batch_size: int = 0, *,
         except tf.errors.InvalidArgumentError as err:
             raise DataError(f"{name}: the model rejected the scans: {export.reason(err.message)}") from None
         masks.append(out["masks"].numpy())
-    return remove_small_components(np.concatenate(masks), min_component)
+    return components.clean(np.concatenate(masks), min_component, min_fraction)
 
 
 def select(table: pd.DataFrame, case_days=None, folds=None, records_dir=None) -> pd.DataFrame:
@@ -97,7 +96,7 @@ def predict(model: str | Path, data_dir: str | Path, *, split: str | None = None
     for case_day, volume in table.groupby("case_day", sort=False):
         pngs = [Path(p).read_bytes() for p in volume["path"]]
         masks = predict_volume(serve, pngs, info["offsets"], batch_size, min_component=info["min_component"],
-                               name=case_day)
+                               min_fraction=info.get("min_component_fraction", 0.0), name=case_day)
         shape = (int(volume["height"].iloc[0]), int(volume["width"].iloc[0]))
         if masks.shape[1:3] != shape:
             raise DataError(f"{case_day}: scans decode to {masks.shape[2]} x {masks.shape[1]} (W x H) but their "
