@@ -27,3 +27,4 @@ def test_make_demo_runs_every_step(tmp_path):
     assert list(submission.columns) == ["id", "class", "predicted"] and len(submission) % 3 == 0
     assert any((run / "overlays").glob("*.png"))
     assert "held-out score" in done.stdout and "tensorboard --logdir" in done.stdout
+    assert "curves.png" in done.stdout and "(missing)" not in done.stdout  # the summary lists every output
