@@ -98,9 +98,14 @@ def test_select_by_fold_and_case_day(records_dir, synth_dir):
         predict.select(table, case_days=["case999_day1"])
 
 
-def test_overlays_show_the_slices_with_the_most_organ():
+def test_overlays_show_every_predicted_organ():
     masks = np.zeros((8, 4, 4, 3), np.uint8)  # uint8 like predict's masks: a negated uint sum would wrap
     for i, pixels in {1: 5, 4: 9, 6: 1, 7: 3}.items():
-        masks[i].reshape(-1)[:pixels] = 1
-    assert predict.most_organ_slices(masks, 3) == [1, 4, 7]
-    assert predict.most_organ_slices(masks, 20) == list(range(8))
+        masks[i, ..., 0].reshape(-1)[:pixels] = 1
+    masks[0, 0, 0, 2] = 1  # a one-pixel stomach, on a slice with nothing else
+    masks[4, 0, :2, 1] = 1
+    assert predict.overlay_slices(masks, 2) == [0, 4]  # each class's largest: 4 (both bowels), 0 (stomach)
+    assert predict.overlay_slices(masks, 3) == [0, 1, 4]  # then each class's second: large bowel's 1
+    assert predict.overlay_slices(masks, 4) == [0, 1, 4, 7]
+    assert predict.overlay_slices(masks, 20) == list(range(8))
+    assert predict.overlay_slices(np.zeros_like(masks), 2) == [0, 1]

@@ -11,6 +11,7 @@ slices only: a little different from training, in exchange for smaller requests)
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -69,16 +70,22 @@ def select(table: pd.DataFrame, case_days=None, folds=None, records_dir=None) ->
     return table
 
 
-def most_organ_slices(pred: np.ndarray, count: int) -> list[int]:
-    """Indices (in slice order) of the `count` slices of [D, H, W, C] masks with the most organ pixels."""
-    area = pred.reshape(len(pred), -1).sum(axis=1, dtype=np.int64)  # signed: -area of uint8 sums wraps
-    return sorted(int(i) for i in np.argsort(-area, kind="stable")[:count])
+def overlay_slices(pred: np.ndarray, count: int) -> list[int]:
+    """Indices (in slice order) of up to `count` slices of [D, H, W, C] masks that show every predicted
+    organ: each class's largest slices in turn (the stomach is small next to the bowels: ranked by
+    total area it would never be shown), then the slices with the most organ overall."""
+    area = pred.sum(axis=(1, 2), dtype=np.int64)  # [D, C]; signed: -area of uint8 sums would wrap
+    per_class = [[i for i in np.argsort(-area[:, c], kind="stable") if area[i, c] > 0] for c in range(area.shape[1])]
+    candidates = [*itertools.chain.from_iterable(itertools.zip_longest(*per_class)),
+                  *np.argsort(-area.sum(axis=1), kind="stable")]
+    chosen = dict.fromkeys(int(i) for i in candidates if i is not None)
+    return sorted(list(chosen)[:count])
 
 
 def overlay_grid(path: Path, case_day: str, scan_paths: list[str], pred: np.ndarray, truth=None,
                  count: int = 6) -> None:
-    """Contours of a few slices with the most predicted organ (solid: truth when known, dashed: predicted)."""
-    chosen = most_organ_slices(pred, count)
+    """Contours of a few slices showing every predicted organ (solid: truth when known, dashed: predicted)."""
+    chosen = overlay_slices(pred, count)
     images = [overlay.draw_contours(scans.read_scan(scan_paths[i]), None if truth is None else truth[i], pred[i])
               for i in chosen]
     overlay.save_grid(images, [f"{case_day} slice {i + 1}" for i in chosen], path, pred=True)
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="which scans to predict (default: train if DATA_DIR/train.csv exists, else test)")
     parser.add_argument("--out", default="submission.csv", help="submission CSV to write (default: %(default)s)")
     parser.add_argument("--overlays", metavar="DIR",
-                        help="also write one PNG per volume with contours of its slices with the most organ")
+                        help="also write one PNG per volume with contours of a few slices showing each organ")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="slices per request; 0 (default) sends whole volumes, normalised exactly as in "
                              "training")
