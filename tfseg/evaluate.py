@@ -3,9 +3,9 @@
 `python -m tfseg.evaluate --run runs/NAME` predicts every volume of the validation folds, takes the
 probabilities back to each scan's original size, thresholds them (train.threshold), drops small
 components (train.min_component pixels per slice, then 3D pieces under train.min_component_fraction of
-each organ's largest), scores every case-day (0.4 x 3D Dice + 0.6 x (1 - 3D
-Hausdorff)) and writes eval/per_volume.csv, eval/summary.json and eval/scores.png. The score of an
-all-empty prediction is reported beside it: it is what a model that finds nothing would get.
+each organ's largest), scores every case-day (0.4 x 3D Dice + 0.6 x (1 - 3D Hausdorff)) and writes
+eval/per_volume.csv, eval/summary.json and eval/scores.png. The score of an all-empty prediction is
+reported beside it: it is what a model that finds nothing would get.
 """
 
 import argparse

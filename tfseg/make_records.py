@@ -5,11 +5,11 @@ files. Worker processes read and check the scans and masks of a volume and seria
 TensorFlow: features.encode_volume); the parent writes the records in a fixed order, so the bytes do
 not depend on the number of workers. Workers hand records over in temp files, not through the pool's
 pipe: Python's multiprocessing reads a large message with one allocation per pipe-sized chunk, which
-cost the parent more CPU than the workers' whole job on 15 MB volumes. Shards are
-hidden temp files until every volume has been read, then renamed; manifest.json comes last and marks
-the folder complete. A small state file lists finished temp shards (with sha256), so a killed run
-resumes where it stopped. TensorFlow is imported only once there is work to do: --help, no-op reruns
-and refusals are instant, and the workers (which never need it) start fast.
+cost the parent more CPU than the workers' whole job on 15 MB volumes. Shards are hidden temp files
+until every volume has been read, then renamed; manifest.json comes last and marks the folder complete.
+A small state file lists finished temp shards (with sha256), so a killed run resumes where it stopped.
+TensorFlow is imported only once there is work to do: --help, no-op reruns and refusals are instant,
+and the workers (which never need it) start fast.
 """
 
 import argparse
