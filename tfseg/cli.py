@@ -1,15 +1,9 @@
 """Shared command-line plumbing: clear one-line errors and exit codes instead of tracebacks."""
 
-import os
 import sys
 from collections.abc import Callable
 
 from tfseg.errors import ConfigError, DataError
-
-
-def quiet_tensorflow() -> None:
-    """Hide TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) unless asked for."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

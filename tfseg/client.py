@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="slices per request; 0 (default) sends them all in one request")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait per request (default: 300)")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     try:
         offsets = [int(o) for o in args.offsets.replace(",", " ").split()]
     except ValueError:

@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="report folder (default: RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     config = load_config(Path(args.run) / "config.yaml")
     folds = args.folds if args.folds is not None else config.data.val_folds
     if args.model:

@@ -322,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="slices the model processes at once inside the graph; bounds memory for "
                              "whole-volume requests (default: 16)")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     run = Path(args.run)
     out = Path(args.out) if args.out else Path(paths.SAVED_MODELS_DIR) / run.resolve().name
     if not args.out:

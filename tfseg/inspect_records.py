@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=4, help="slices per fold in the overlays (default: 4)")
     parser.add_argument("--verify", action="store_true", help="also check every shard's sha256")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     print(summary(records.read_manifest(args.records)))
     if args.verify:
         bad = verify(args.records)

@@ -467,7 +467,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace records in --out made from other data or with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     if args.data_dir is None:
         from tfseg import synth
 

@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                              "the model was trained on)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     case_days = [c.strip() for c in args.case_days.split(",") if c.strip()] if args.case_days else None
     submission, scores = predict(args.model, args.data_dir, split=args.split, batch_size=args.batch_size,
                                  case_days=case_days, folds=args.folds, overlays=args.overlays,

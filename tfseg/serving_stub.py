@@ -212,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="REST port; 0 picks a free one (default: 8501)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     args = parser.parse_args(argv)
-    cli.quiet_tensorflow()
     servable = Servable(args.model_name, args.model_base_path)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)

@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "missing", False):
         parser.error(f"benchmark {args.name!r} is not implemented yet")
-    cli.quiet_tensorflow()
     figures = importlib.import_module(f"tfseg.bench.{args.name}").run(args)
     figures = {k: float(v) for k, v in figures.items()}
     machine = f"{platform.node()}, {os.cpu_count()} cores, {platform.machine()}"
