@@ -191,7 +191,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.quiet_tensorflow()
     config = load_config(args.config, [*args.set, *flag_overrides(args)])
     run_dir = Path(args.run_dir) if args.run_dir else Path(paths.RUNS_DIR) / Path(args.config).stem
     try:
