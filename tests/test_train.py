@@ -45,7 +45,7 @@ def test_run_folder_is_complete(smoke_run, records_dir):
     assert columns <= set(rows[0])
     assert np.allclose([float(r["val_dice"]) for r in rows], [h["val_dice"] for h in result.history], atol=1e-5)
     assert (run_dir / loop.BEST_WEIGHTS).exists()
-    picture = cv2.imread(str(run_dir / loop.CURVES))
+    picture = cv2.imread(str(run_dir / curves.FILE_NAME))
     assert picture is not None and picture.shape[0] > 200 and picture.shape[1] > 2 * picture.shape[0]
     assert len(list((run_dir / loop.CHECKPOINTS).glob("ckpt-*.index"))) >= 1
     assert list((run_dir / loop.LOGS / "train").glob("events.out.tfevents.*"))

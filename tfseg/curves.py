@@ -9,6 +9,8 @@ from pathlib import Path
 from tfseg import CLASSES, files
 from tfseg.overlay import CLASS_COLORS
 
+FILE_NAME = "curves.png"  # in the run folder: written by train, listed by summary
+
 
 def plot_history(rows: list[dict], path: str | Path) -> None:
     """Two panels: train and validation loss; validation mean and per-class Dice."""

@@ -28,7 +28,6 @@ CHECKPOINTS = "checkpoints"
 HISTORY = "history.csv"
 BEST_WEIGHTS = "best.weights.h5"
 FINAL_MODEL = "model.keras"
-CURVES = "curves.png"  # loss and validation Dice per epoch, for a glance
 LOGS = "logs"  # TensorBoard: logs/train and logs/validation
 IMAGES = 4  # validation slices shown in TensorBoard
 
@@ -260,7 +259,7 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
     if chief:
         save_keras(run_dir / FINAL_MODEL, model.save)
         if history:
-            curves.plot_history(history, run_dir / CURVES)
+            curves.plot_history(history, run_dir / curves.FILE_NAME)
         for writer in writers.values():
             writer.close()
     return history

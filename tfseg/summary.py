@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from tfseg import cli
+from tfseg import cli, curves
 from tfseg.errors import DataError
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['hausdorff']:.4f}) on {summary['num_volumes']} volume(s)")
     print(f"all-empty prediction would score {summary['empty_score']:.4f}")
     outputs = [("run folder (config, history.csv, checkpoints)", run),
-               ("training curves (loss, per-class Dice)", run / "curves.png"),
+               ("training curves (loss, per-class Dice)", run / curves.FILE_NAME),
                ("evaluation report", run / "eval"),
                ("SavedModel for TF Serving", args.model),
                ("submission", args.submission),
