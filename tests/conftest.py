@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A tiny synthetic dataset in the Kaggle layout: 4 cases, 24 slices per volume."""
-    from tfseg import synth
+    from tfseg.kaggle import synth
 
     return synth.make_dataset(tmp_path_factory.mktemp("synth"), cases=4, seed=0, num_slices=24,
                               workers=1, progress=False)
@@ -19,7 +19,7 @@ def synth_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def records_dir(synth_dir, tmp_path_factory):
     """TFRecords of the tiny dataset, 2 folds (cases grouped)."""
-    from tfseg.make_records import build_records
+    from tfseg.records.writer import build_records
 
     out = tmp_path_factory.mktemp("records") / "tiny"
     build_records(synth_dir, out, folds=2, workers=1, progress=False)

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tfseg import CLASSES, rle
+from tfseg import CLASSES
+from tfseg.kaggle import rle
 
 
 def scan_name(slice_num: int, width: int, height: int, spacing: float = 1.5) -> str:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfseg import augment
 from tfseg.config import AugmentConfig
+from tfseg.data import augment
 
 GEOMETRY_ONLY = AugmentConfig(flip_horizontal=True, flip_vertical=True, rotation_degrees=30, scale=0.2,
                               shift=0.1, grid_distortion=0.03)

@@ -23,7 +23,10 @@ import tensorflow as tf
 
 from tests import processes
 from tests.test_export import saved_model, volume_pngs  # noqa: F401  (session-wide tiny export)
-from tfseg import client, index
+from tfseg import client
+from tfseg.data.context import context_rows
+from tfseg.kaggle import index
+from tfseg.serving.client import scan_files
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"gRPC (\S+), REST http://(\S+) ")
@@ -67,16 +70,16 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def test_context_rows_clamp_at_the_ends():
-    assert client.context_rows(list("abcd"), (-2, 0, 2)) == [
+    assert context_rows(list("abcd"), (-2, 0, 2)) == [
         ["a", "a", "c"], ["a", "b", "d"], ["a", "c", "d"], ["b", "d", "d"]]
-    assert client.context_rows(["x"], (-1, 0, 1)) == [["x", "x", "x"]]
+    assert context_rows(["x"], (-1, 0, 1)) == [["x", "x", "x"]]
 
 
 def test_scan_files_expand_folders_in_order(scan_dir, tmp_path):
     names = sorted(p.name for p in scan_dir.iterdir())
-    assert [p.name for p in client.scan_files([str(scan_dir)])] == names
+    assert [p.name for p in scan_files([str(scan_dir)])] == names
     with pytest.raises(FileNotFoundError, match="no such scan"):
-        client.scan_files([str(tmp_path / "missing.png")])
+        scan_files([str(tmp_path / "missing.png")])
 
 
 @pytest.mark.slow
@@ -88,7 +91,7 @@ def test_grpc_and_rest_write_the_served_masks(server, saved_model, scan_dir, tmp
     printed = capsys.readouterr().out
     assert printed.count(" -> ") == 2 * len(files)
     # what the SavedModel itself answers for the same request
-    rows = client.context_rows([p.read_bytes() for p in files], (-2, 0, 2))
+    rows = context_rows([p.read_bytes() for p in files], (-2, 0, 2))
     expected = tf.saved_model.load(str(saved_model)).signatures["serving_default"](slices=tf.constant(rows))
     expected = expected["masks"].numpy()
     assert expected.sum() > 0

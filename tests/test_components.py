@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from tfseg import components
+from tfseg.evaluation import postprocess as components
 
 
 def blobs() -> np.ndarray:

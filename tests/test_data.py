@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfseg import data, features, records, scans
+from tfseg import layout
 from tfseg.config import AugmentConfig, Config, DataConfig
+from tfseg.data import context, preprocess
+from tfseg.data import pipeline as data
+from tfseg.kaggle import scans
+from tfseg.records import features, reader
 
 DEPTH = 8
 # fold -> shards -> volume ids; volume 7 is narrower (40 x 44) to exercise different original sizes
@@ -40,7 +44,7 @@ def tiny_records(tmp_path_factory):
     shards = []
     for fold, fold_shards in LAYOUT.items():
         for k, ids in enumerate(fold_shards):
-            name = records.shard_name(fold, k, len(fold_shards))
+            name = layout.shard_name(fold, k, len(fold_shards))
             with tf.io.TFRecordWriter(str(root / name)) as writer:
                 for v in ids:
                     image, mask = volume(v)
@@ -71,7 +75,7 @@ def volume_id(mask: np.ndarray) -> int:
 @pytest.mark.parametrize("offsets", [(-2, 0, 2), (0,), (-1, 0, 3), (1, 3)])
 def test_context_stack_takes_clamped_neighbours(offsets):
     vol = np.arange(DEPTH, dtype=np.float32)[:, None, None] * np.ones((DEPTH, 3, 5), np.float32)
-    stacked = data.context_stack(tf.constant(vol), offsets).numpy()
+    stacked = context.context_stack(tf.constant(vol), offsets).numpy()
     assert stacked.shape == (DEPTH, 3, 5, len(offsets))
     for i in range(DEPTH):
         for c, o in enumerate(offsets):
@@ -101,13 +105,14 @@ def test_normalize_matches_numpy_percentiles():
     values = rng.integers(0, 5000, (6, 30, 20), dtype=np.uint16)  # small: every value is used
     low, high = np.percentile(values, [2, 98])
     expected = np.clip((values - low) / (high - low), 0, 1)
-    out = data.normalize(tf.constant(values), (2, 98)).numpy()
+    out = preprocess.normalize(tf.constant(values), (2, 98)).numpy()
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    big = rng.integers(0, 60000, (2 * data.PERCENTILE_SAMPLES + 3,), dtype=np.uint16).astype(np.float32)
-    lo, hi = data.percentiles(big, (1, 99)).numpy()  # strided subsample: close, not exact
+    big = rng.integers(0, 60000, (2 * preprocess.PERCENTILE_SAMPLES + 3,), dtype=np.uint16).astype(np.float32)
+    lo, hi = preprocess.percentiles(big, (1, 99)).numpy()  # strided subsample: close, not exact
     np.testing.assert_allclose([lo, hi], np.percentile(big, [1, 99]), rtol=0.02)
-    np.testing.assert_array_equal(data.normalize(big, (1, 99)).numpy(), data.normalize(big, (1, 99)).numpy())
+    np.testing.assert_array_equal(preprocess.normalize(big, (1, 99)).numpy(),
+                                  preprocess.normalize(big, (1, 99)).numpy())
 
 
 @pytest.mark.parametrize("mode", ["resize", "pad_crop"])
@@ -115,10 +120,10 @@ def test_normalize_matches_numpy_percentiles():
 def test_resized_masks_stay_binary(mode, size):
     masks = (np.random.default_rng(1).random((2, 40, 48, 3)) < 0.3).astype(np.uint8)
     config = DataConfig(resize=mode, interpolation="area")
-    out = data.resize_masks(tf.constant(masks), size, config).numpy()
+    out = preprocess.resize_masks(tf.constant(masks), size, config).numpy()
     assert out.shape == (2, *size, 3) and out.dtype == np.uint8
     assert set(np.unique(out)) == {0, 1}
-    images = data.resize_images(tf.constant(masks, tf.float32), size, config).numpy()
+    images = preprocess.resize_images(tf.constant(masks, tf.float32), size, config).numpy()
     assert images.shape == (2, *size, 3) and images.min() >= 0 and images.max() <= 1
 
 
@@ -200,7 +205,7 @@ def reassemble(config: Config, folds):
         probs = tf.cast(b["mask"], tf.float32)
         for k in range(probs.shape[0]):
             orig = (int(b["orig_height"][k]), int(b["orig_width"][k]))
-            restored = data.restore_size(probs[k : k + 1], orig, config.data).numpy()[0]
+            restored = preprocess.restore_size(probs[k : k + 1], orig, config.data).numpy()[0]
             key = b["case_day"][k].numpy().decode()
             slices.setdefault(key, []).append((int(b["index"][k]), int(b["slice"][k]), int(b["depth"][k]),
                                                restored, b["image"][k].numpy()))
@@ -213,7 +218,7 @@ def test_eval_stream_reassembles_volumes_exactly(tiny_records, mode, size):
     config = make_config(tiny_records, resize=mode, image_size=size, offsets=offsets)
     folds = [0] if mode == "resize" else None  # resize x2 is exact only for the 40 x 48 volumes
     got = reassemble(config, folds)
-    truth = list(records.read_volumes(tiny_records, folds))
+    truth = list(reader.read_volumes(tiny_records, folds))
     assert list(got) == [v["case_day"] for v in truth]  # volumes in record order
     for vol in truth:
         items = got[vol["case_day"]]

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfseg import strategy
 from tfseg.errors import ConfigError
+from tfseg.training import strategy
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -26,29 +26,34 @@ MIRRORED = """
 import json, sys
 import numpy as np
 import tensorflow as tf
-from tfseg import data, loop, strategy, train
+from tfseg.data.pipeline import train_dataset
+from tfseg.model.build import build_loss, build_model
+from tfseg.training import strategy
+from tfseg.training.optimizer import make_optimizer
+from tfseg.training.steps import Steps
+from tfseg.training.trainer import train
 from tfseg.config import load_config
 
 strategy.split_cpu(2)  # before anything initialises TensorFlow
 config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "model.norm=group", "data.batch_size=4"])
-x, y = (t.numpy() for t in next(iter(data.train_dataset(config, [1]))))
+x, y = (t.numpy() for t in next(iter(train_dataset(config, [1]))))
 out, init = {}, None
 one, two = strategy.make_strategy("default"), strategy.make_strategy("mirrored", cpu_replicas=2)
 for name, s in (("one", one), ("two", two)):
     with s.scope():
-        model = train.build_model(config)
+        model = build_model(config)
         init = model.get_weights() if init is None else init
         model.set_weights(init)
-        optimizer = loop.make_optimizer(config.train, 10, "float32")
+        optimizer = make_optimizer(config.train, 10, "float32")
         optimizer.build(model.trainable_variables)
-        steps = loop.Steps(s, model, optimizer, train.build_loss(config), 4, config)
+        steps = Steps(s, model, optimizer, build_loss(config), 4, config)
     batches = iter(s.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)).repeat()))
     out[name] = {"replicas": s.num_replicas_in_sync, "losses": [float(steps.train_step(batches)) for _ in range(2)]}
     out[name]["weights"] = [w.tolist() for w in model.get_weights()]
 # The whole command under mirrored: distributed input pipeline and validation.
 config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=mirrored", "train.cpu_replicas=2",
                                    "train.epochs=1", "train.steps_per_epoch=2", "train.image_log_every=0"])
-result = train.train(config, sys.argv[3], progress=False)
+result = train(config, sys.argv[3], progress=False)
 out["fit"] = result.history[0]
 print("RESULT " + json.dumps(out))
 """
@@ -56,12 +61,12 @@ print("RESULT " + json.dumps(out))
 WORKER = """
 import sys
 import numpy as np
-from tfseg import train
+from tfseg.training.trainer import train
 from tfseg.config import load_config
 
 config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=multiworker", "model.norm=group",
                                    "train.epochs=2", "train.steps_per_epoch=3", "train.image_log_every=1"])
-result = train.train(config, sys.argv[3], progress=False)
+result = train(config, sys.argv[3], progress=False)
 np.savez(sys.argv[4], *result.model.get_weights())
 """
 

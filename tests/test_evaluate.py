@@ -11,13 +11,17 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from tests.test_export import run_dir, saved_model  # noqa: F401  (session-wide tiny run and export)
-from tfseg import CLASSES, data, evaluate, metric, records
+from tfseg import CLASSES, evaluate
 from tfseg.config import load_config
+from tfseg.data import pipeline
+from tfseg.evaluation import metric, scoring
+from tfseg.evaluation.postprocess import Postprocess
+from tfseg.records import reader
 
 
 def test_true_masks_as_probabilities_score_one(records_dir):
-    truth = next(records.read_volumes(records_dir, [0]))["mask"]
-    pred = evaluate.postprocess(truth.astype(np.float32), threshold=0.5, min_component=0)
+    truth = next(reader.read_volumes(records_dir, [0]))["mask"]
+    pred = Postprocess(threshold=0.5, min_component=0).masks(truth.astype(np.float32))
     assert_array_equal(pred, truth)
     assert metric.score_volume(pred, truth)["score"] == 1.0
 
@@ -27,14 +31,14 @@ def test_reassembled_true_masks_score_one(records_dir):
     the original-size records) scores exactly 1 when the 'model' returns the true masks."""
     config = load_config(None, [f"data.records={records_dir}", "data.resize=pad_crop", "data.image_size=[272,272]",
                                 "model.depth=4"])  # pad_crop to 272 and back is exact for 266 px scans
-    stream = iter(data.eval_dataset(config, [0], 10))  # 10: batches straddle the 24-slice volumes
+    stream = iter(pipeline.eval_dataset(config, [0], 10))  # 10: batches straddle the 24-slice volumes
 
     def oracle(scans):
         batch = next(stream)
         assert batch["image"].shape == scans.shape
         return batch["mask"].numpy().astype(np.float32)
 
-    rows, summary = evaluate.evaluate(config, [0], oracle, batch_size=10, limit=2, progress=False)
+    rows, summary = scoring.evaluate(config, [0], oracle, batch_size=10, limit=2, progress=False)
     assert summary["num_volumes"] == len(rows) == 2
     assert all(row["score"] == 1.0 for row in rows) and summary["score"] == 1.0
     assert summary["dice"] == 1.0 and summary["hausdorff"] == 0.0
@@ -43,13 +47,13 @@ def test_reassembled_true_masks_score_one(records_dir):
 
 def test_empty_prediction_scores_empty_score(run_dir, records_dir):  # noqa: F811
     config = load_config(run_dir / "config.yaml")
-    rows, summary = evaluate.evaluate(config, [0], lambda scans: np.zeros((*scans.shape[:3], 3), np.float32),
+    rows, summary = scoring.evaluate(config, [0], lambda scans: np.zeros((*scans.shape[:3], 3), np.float32),
                                       limit=2, progress=False)
     assert summary["score"] == pytest.approx(summary["empty_score"], abs=1e-12)
     for c in CLASSES:
         assert summary[f"score_{c}"] == pytest.approx(summary[f"empty_score_{c}"], abs=1e-12)
     # and empty_score is what the metric gives an all-empty volume, computed independently
-    volumes = [v for v, _ in zip(records.read_volumes(records_dir, [0]), range(2), strict=False)]
+    volumes = [v for v, _ in zip(reader.read_volumes(records_dir, [0]), range(2), strict=False)]
     expected = [metric.score_volume(np.zeros_like(v["mask"]), v["mask"])["score"] for v in volumes]
     assert [r["empty_score"] for r in rows] == pytest.approx(expected)
     assert summary["empty_score"] == pytest.approx(np.mean(expected))
@@ -72,7 +76,7 @@ def test_cli_writes_report_and_prints_table(keras_report, records_dir):
     out, printed = keras_report
     table = pd.read_csv(out / "per_volume.csv")
     summary = json.loads((out / "summary.json").read_text())
-    first = [v["case_day"] for v, _ in zip(records.read_volumes(records_dir, [0]), range(2), strict=False)]
+    first = [v["case_day"] for v, _ in zip(reader.read_volumes(records_dir, [0]), range(2), strict=False)]
     assert list(table["case_day"]) == first and summary["num_volumes"] == 2
     for key in ("score", "dice", "hausdorff", "empty_score", *(f"score_{c}" for c in CLASSES)):
         assert key in summary and key in table.columns

@@ -16,10 +16,17 @@ import pytest
 import tensorflow as tf
 from numpy.testing import assert_allclose
 
-from tfseg import CLASSES, cli, client, data, export, index
+from tfseg import CLASSES, cli, export, files, layout
 from tfseg.config import load_config, save_config
+from tfseg.data import context, preprocess
 from tfseg.errors import DataError
-from tfseg.model import build_unet
+from tfseg.evaluation.postprocess import binarize
+from tfseg.kaggle import index
+from tfseg.model.float32 import float32_model
+from tfseg.model.unet import build_unet
+from tfseg.serving import savedmodel
+from tfseg.serving.api import reason
+from tfseg.training.run_folder import load_run_model
 
 TINY = ["data.image_size=[64,64]", "data.offsets=[-2,0,2]", "model.depth=2", "model.base_filters=8",
         "model.block=plain", "train.precision=float32"]
@@ -41,7 +48,7 @@ def tiny_run(records_dir, root: Path) -> Path:
 def tiny_export(records_dir, root: Path) -> Path:
     out = root / "saved_models" / "tiny" / "1"
     if not out.exists():
-        export.export(tiny_run(records_dir, root), out, verbose=False)
+        savedmodel.export(tiny_run(records_dir, root), out, verbose=False)
     return out
 
 
@@ -78,7 +85,7 @@ def test_layout_warmup_and_info(saved_model):
     from tensorflow_serving.apis import prediction_log_pb2
 
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
-            tf.data.TFRecordDataset(str(saved_model / "assets.extra" / export.WARMUP_FILE))]
+            tf.data.TFRecordDataset(str(saved_model / "assets.extra" / layout.WARMUP_FILE))]
     assert len(logs) == 1
     request = logs[0].predict_log.request
     assert request.model_spec.signature_name == "serving_default"
@@ -86,7 +93,7 @@ def test_layout_warmup_and_info(saved_model):
     assert slices.shape == (1, K)
     for item in slices.ravel():  # real 16-bit scans from the validation records
         assert cv2.imdecode(np.frombuffer(item, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
-    info = export.read_info(saved_model)
+    info = layout.read_info(saved_model)
     assert info["classes"] == list(CLASSES) and info["offsets"] == [-2, 0, 2]
     assert info["input_size"] == [64, 64] and info["threshold"] == 0.5
     assert info["config"]["model"]["base_filters"] == 8
@@ -134,7 +141,7 @@ def test_answers_in_a_fresh_process_without_tfseg(saved_model, tmp_path):
 
 
 def test_float_signature_matches_keras(run_dir, loaded):
-    _, model, _ = export.load_run_model(run_dir)
+    _, model, _ = load_run_model(run_dir)
     scans = np.random.default_rng(1).random((20, 64, 64, K), dtype=np.float32)  # 20: two chunks of 16
     got = loaded.signatures["predict_float"](scans=tf.constant(scans))["probabilities"].numpy()
     assert_allclose(got, model(scans, training=False).numpy(), atol=1e-5, rtol=0)
@@ -142,18 +149,18 @@ def test_float_signature_matches_keras(run_dir, loaded):
 
 def test_png_signature_preprocesses_as_training(run_dir, loaded, synth_dir):
     """Whole-volume request == the evaluation pipeline (normalise per volume, resize, 2.5D stack, restore)."""
-    config, model, _ = export.load_run_model(run_dir)
+    config, model, _ = load_run_model(run_dir)
     _, pngs = volume_pngs(synth_dir)
     volume = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED) for b in pngs])
-    scans = data.resize_images(data.normalize(volume, config.data.clip_percentiles)[..., None], (64, 64),
+    scans = preprocess.resize_images(preprocess.normalize(volume, config.data.clip_percentiles)[..., None], (64, 64),
                                config.data)
-    expected = model(data.context_stack(scans[..., 0], config.data.offsets), training=False)
-    expected = data.restore_size(expected, volume.shape[1:], config.data).numpy()
+    expected = model(context.context_stack(scans[..., 0], config.data.offsets), training=False)
+    expected = preprocess.restore_size(expected, volume.shape[1:], config.data).numpy()
     # the request rows of tfseg.client / tfseg.predict against tfseg.data's 2.5D stacking
-    out = loaded.signatures["serving_default"](slices=tf.constant(client.context_rows(pngs, config.data.offsets)))
+    out = loaded.signatures["serving_default"](slices=tf.constant(context.context_rows(pngs, config.data.offsets)))
     assert out["probabilities"].shape == (len(pngs), *volume.shape[1:], 3)
     assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5, rtol=0)
-    assert (out["masks"].numpy() == export.to_masks(out["probabilities"], 0.5).numpy()).all()
+    assert (out["masks"].numpy() == binarize(out["probabilities"], 0.5).numpy()).all()
 
 
 GOOD = png(np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7)
@@ -174,7 +181,7 @@ def test_bad_input_is_an_invalid_argument_error(loaded, case):
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
         loaded.signatures["serving_default"](slices=tf.constant(request, tf.string))
     assert message in err.value.message
-    assert message in export.reason(err.value.message)
+    assert message in reason(err.value.message)
 
 
 def test_one_request_of_any_size_works(loaded):
@@ -188,17 +195,17 @@ def test_refuses_existing_version_unless_overwrite(run_dir, saved_model, tmp_pat
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (saved_model / "saved_model.pb").stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="numbered version folder"):
-        export.export(run_dir, tmp_path / "tiny" / "latest")
+        savedmodel.export(run_dir, tmp_path / "tiny" / "latest")
 
 
 def test_overwrite_swaps_the_whole_version(tmp_path):
     target = tmp_path / "m" / "2"
     (target / "variables").mkdir(parents=True)
     (target / "stale.txt").write_text("old export")
-    with pytest.raises(DataError, match="already exists"), export._atomic_dir(target, overwrite=False) as tmp:
+    with pytest.raises(DataError, match="already exists"), files.atomic_dir(target, overwrite=False) as tmp:
         (tmp / "saved_model.pb").write_bytes(b"new")
     assert (target / "stale.txt").exists()
-    with export._atomic_dir(target, overwrite=True) as tmp:
+    with files.atomic_dir(target, overwrite=True) as tmp:
         (tmp / "saved_model.pb").write_bytes(b"new")
     assert sorted(p.name for p in target.iterdir()) == ["saved_model.pb"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["2"], "temp or old folders left behind"
@@ -206,7 +213,7 @@ def test_overwrite_swaps_the_whole_version(tmp_path):
 
 def test_failed_export_leaves_nothing(tmp_path):
     target = tmp_path / "m" / "1"
-    with pytest.raises(RuntimeError), export._atomic_dir(target, overwrite=False) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_dir(target, overwrite=False) as tmp:
         (tmp / "saved_model.pb").write_bytes(b"half")
         raise RuntimeError("killed half-way")
     assert list((tmp_path / "m").iterdir()) == []
@@ -220,7 +227,7 @@ def test_mixed_precision_model_is_exported_in_float32():
         mixed = build_unet((32, 32, K), depth=2, base_filters=4)
     finally:
         keras.config.set_dtype_policy(previous)
-    clean = export.float32_model(mixed)
+    clean = float32_model(mixed)
     assert all(layer.dtype_policy.name == "float32" for layer in clean._flatten_layers())
     for a, b in zip(mixed.get_weights(), clean.get_weights(), strict=True):
         assert (a == b).all()

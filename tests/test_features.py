@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfseg import features
+from tfseg.records import features
 
 
 def _tensorflow_example(volume: dict) -> tf.train.Example:

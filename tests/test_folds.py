@@ -4,7 +4,7 @@ import pytest
 
 from tfseg import CLASSES
 from tfseg.errors import DataError
-from tfseg.folds import assign_folds
+from tfseg.kaggle.folds import assign_folds
 
 
 def _table(days_per_case, slices=(144, 80), seed=0) -> pd.DataFrame:

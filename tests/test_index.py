@@ -5,7 +5,7 @@ import pytest
 from tests.kaggle_layout import scan_name, write_layout
 from tfseg import CLASSES
 from tfseg.errors import DataError
-from tfseg.index import read_index, scan_dataset
+from tfseg.kaggle.index import read_index, scan_dataset
 
 VOLUMES = {"case7_day1": (5, 12, 16), "case7_day3": (4, 12, 16), "case12_day2": (6, 10, 14)}
 

@@ -6,16 +6,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 from tfseg import CLASSES
-from tfseg.losses import (
-    BceDiceLoss,
-    DiceMetric,
-    FocalLoss,
-    IoUMetric,
-    TverskyLoss,
-    get_loss,
-    get_metrics,
-    per_example_loss,
-)
+from tfseg.model.losses import BceDiceLoss, FocalLoss, TverskyLoss, get_loss, per_example_loss
+from tfseg.model.metrics import DiceMetric, IoUMetric, get_metrics
 
 RNG = np.random.default_rng(0)
 SHAPE = (2, 8, 8, 3)

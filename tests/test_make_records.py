@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from tests.kaggle_layout import scan_name, write_layout
-from tfseg import CLASSES, cli, files, inspect_records, make_records, records, rle
+from tfseg import CLASSES, cli, files, inspect_records, make_records
 from tfseg.errors import DataError
-from tfseg.make_records import build_records
+from tfseg.kaggle import rle
+from tfseg.layout import SHARD_PATTERN
+from tfseg.records import reader, shards
+from tfseg.records.writer import build_records
 
 # 3 cases (2 folds), two sizes; case1 has two days.
 LAYOUT = {"case1_day1": (5, 12, 16), "case1_day2": (4, 12, 16), "case2_day3": (6, 10, 14),
@@ -49,6 +52,22 @@ def _only_final_files(out: Path, manifest: dict) -> bool:
                                                             "manifest.json"])
 
 
+# sha256 of each shard of LAYOUT (folds=2, one volume per shard), as the record format stood when it
+# was fixed: a change to the Example's bytes (field order, PNG settings, framing) fails here.
+LAYOUT_SHARDS = {
+    "fold0-00000-of-00002.tfrecord": "b4b0a42218ca9efa69c08ceea4ea6b5e63de623e33e4fbcb585b6e6a05bccbdd",
+    "fold0-00001-of-00002.tfrecord": "21e7bc8de006d72855a4e5c2ccd94eada90178c97a934404e5a3076217c8c94f",
+    "fold1-00000-of-00002.tfrecord": "480081a9a724268b78daab6caef0262fa5f1a6a61ebb0d81a970883bf5372e1c",
+    "fold1-00001-of-00002.tfrecord": "4f0a8581627ccaad7e2b98dfa4d9dc9c33f3787cd6d5d3a324e01856c36490c1",
+}
+
+
+def test_records_bytes_are_the_fixed_format(layout, tmp_path):
+    root, _ = layout
+    manifest = _build(root, tmp_path / "rec", shard_mb=0.001)
+    assert {s["path"]: s["sha256"] for s in manifest["shards"]} == LAYOUT_SHARDS
+
+
 def test_round_trip_every_slice_and_mask(layout, tmp_path):
     root, table = layout
     out = tmp_path / "rec"
@@ -56,7 +75,7 @@ def test_round_trip_every_slice_and_mask(layout, tmp_path):
     rles = table.set_index(["id", "class"])["segmentation"].fillna("")
     seen = set()
     for fold in range(2):
-        for vol in records.read_volumes(out, [fold]):
+        for vol in reader.read_volumes(out, [fold]):
             assert vol["fold"] == fold
             depth, h, w = LAYOUT[vol["case_day"]]
             assert vol["image"].shape == (depth, h, w) and vol["image"].dtype == np.uint16
@@ -84,7 +103,7 @@ def test_round_trip_every_slice_and_mask(layout, tmp_path):
         assert manifest["classes"][c]["pixels"] == sum(int(n) for s in segs for n in s.split()[1::2])
     assert len(manifest["shards"]) == 4 and manifest["skipped"] == []
     for shard in manifest["shards"]:
-        assert records.SHARD_PATTERN.fullmatch(shard["path"]).group(1) == str(shard["fold"])
+        assert SHARD_PATTERN.fullmatch(shard["path"]).group(1) == str(shard["fold"])
         assert files.sha256(out / shard["path"]) == shard["sha256"]
         assert (out / shard["path"]).stat().st_size == shard["bytes"]
     assert _only_final_files(out, manifest)
@@ -104,7 +123,7 @@ def test_test_layout_without_labels(layout, tmp_path):
     (root / "train").rename(root / "test")
     manifest = _build(root, tmp_path / "rec")
     assert manifest["num_slices"] == 20 and all(v["slices"] == 0 for v in manifest["classes"].values())
-    assert all(not vol["mask"].any() for vol in records.read_volumes(tmp_path / "rec"))
+    assert all(not vol["mask"].any() for vol in reader.read_volumes(tmp_path / "rec"))
 
 
 def test_rerun_is_a_no_op(layout, tmp_path, capsys):
@@ -131,7 +150,7 @@ def test_other_settings_refused_unless_overwrite(layout, tmp_path):
     manifest = _build(root, out, folds=3, overwrite=True)
     assert manifest["settings"]["folds"] == 3 and len(manifest["folds"]) == 3
     assert _only_final_files(out, manifest)
-    assert {v["fold"] for v in records.read_volumes(out)} == {0, 1, 2}
+    assert {v["fold"] for v in reader.read_volumes(out)} == {0, 1, 2}
 
 
 def _write(path: Path, image: np.ndarray) -> None:
@@ -231,7 +250,7 @@ def test_bad_input_skipped_and_listed(layout, tmp_path, name):
     assert [s["id"] for s in manifest["skipped"]] == BAD_INPUTS[name][2]
     assert all(s["reason"] for s in manifest["skipped"])
     left_out = {s["id"] for s in manifest["skipped"]}
-    stored = {v["case_day"]: v["slices"].tolist() for v in records.read_volumes(tmp_path / "rec")}
+    stored = {v["case_day"]: v["slices"].tolist() for v in reader.read_volumes(tmp_path / "rec")}
     assert set(stored) == set(LAYOUT) - left_out
     for case_day, nums in stored.items():
         assert not any(f"{case_day}_slice_{n:04d}" in left_out for n in nums)
@@ -288,15 +307,15 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path, capsys)
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (out / make_records.STATE).exists():  # one shard finished, the next one being written
+    while not (out / shards.STATE).exists():  # one shard finished, the next one being written
         assert proc.poll() is None, "make_records finished (or failed) before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     names = [p.name for p in out.iterdir()]
-    assert "manifest.json" not in names and not any(records.SHARD_PATTERN.fullmatch(n) for n in names)
-    assert any(make_records.TEMP_SHARD.fullmatch(n) for n in names)
+    assert "manifest.json" not in names and not any(SHARD_PATTERN.fullmatch(n) for n in names)
+    assert any(shards.TEMP_SHARD.fullmatch(n) for n in names)
 
     manifest = build_records(data, out, folds=2, shard_mb=0.01, workers=2)  # the same command again
     assert "resuming: " in capsys.readouterr().out

@@ -11,7 +11,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from tfseg import CLASSES
-from tfseg.metric import score_volume, summarize
+from tfseg.evaluation.metric import score_volume, summarize
 
 
 def brute_force(pred, true):

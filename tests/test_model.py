@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from tfseg.model import build_unet
+from tfseg.model.unet import build_unet
 
 TINY = {"depth": 2, "base_filters": 4}
 VARIANTS = {  # every option value appears at least once

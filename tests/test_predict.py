@@ -9,13 +9,20 @@ import pandas as pd
 import pytest
 
 from tests.test_export import run_dir, saved_model, volume_pngs  # noqa: F401  (session-wide tiny run and export)
-from tfseg import CLASSES, evaluate, export, index, predict, records, rle
+from tfseg import CLASSES, predict
+from tfseg.draw import pick_slices
 from tfseg.errors import DataError
+from tfseg.evaluation import predictors
+from tfseg.evaluation.postprocess import Postprocess
+from tfseg.kaggle import index, rle
+from tfseg.records import reader
+from tfseg.serving import predict as predict_lib
+from tfseg.training.run_folder import load_run_model
 
 
 @pytest.fixture(scope="module")
 def served(saved_model):  # noqa: F811
-    return predict.load_model(saved_model)
+    return predict_lib.load_model(saved_model)
 
 
 def test_submission_format_and_overlays(saved_model, synth_dir, tmp_path, capsys):  # noqa: F811
@@ -60,12 +67,13 @@ def test_test_layout_without_labels(saved_model, synth_dir, tmp_path, capsys):  
 
 def test_masks_match_evaluate(run_dir, served, synth_dir):  # noqa: F811
     """Same model, same volume: predict (SavedModel PNG signature, file bytes) == evaluate (Keras, records)."""
-    config, model, _ = export.load_run_model(run_dir)
-    case_day, probabilities = next(evaluate.predict_volumes(config, [0], evaluate.keras_predictor(model)))
-    expected = evaluate.postprocess(probabilities, config.train.threshold, 20, 0.3)
+    config, model, _ = load_run_model(run_dir)
+    case_day, probabilities = next(predictors.predict_volumes(config, [0], predictors.keras_predictor(model)))
+    expected = Postprocess(config.train.threshold, 20, 0.3).masks(probabilities)
     serve, info = served
     _, pngs = volume_pngs(synth_dir, case_day)
-    got = predict.predict_volume(serve, pngs, info["offsets"], min_component=20, min_fraction=0.3)
+    got = predict_lib.predict_volume(serve, pngs, info["offsets"],
+                                     post=Postprocess(min_component=20, min_component_fraction=0.3))
     assert got.shape == expected.shape and got.dtype == np.uint8
     assert expected.sum() > 0
     # float32 sums in different batch shapes may flip a pixel sitting exactly at the threshold, no more
@@ -75,8 +83,8 @@ def test_masks_match_evaluate(run_dir, served, synth_dir):  # noqa: F811
 def test_smaller_requests_give_masks_of_the_same_volume(served, synth_dir):
     serve, info = served
     _, pngs = volume_pngs(synth_dir)
-    whole = predict.predict_volume(serve, pngs, info["offsets"])
-    parts = predict.predict_volume(serve, pngs, info["offsets"], batch_size=5)
+    whole = predict_lib.predict_volume(serve, pngs, info["offsets"])
+    parts = predict_lib.predict_volume(serve, pngs, info["offsets"], batch_size=5)
     assert parts.shape == whole.shape
     assert (parts == whole).mean() > 0.9  # normalised over 5 slices instead of the volume: close, not equal
 
@@ -85,17 +93,17 @@ def test_bad_scans_name_the_volume(served):
     serve, info = served
     eight_bit = cv2.imencode(".png", np.zeros((32, 32), np.uint8))[1].tobytes()
     with pytest.raises(DataError, match=r"case1_day2: the model rejected the scans: .*not a 16-bit PNG"):
-        predict.predict_volume(serve, [eight_bit] * 4, info["offsets"], name="case1_day2")
+        predict_lib.predict_volume(serve, [eight_bit] * 4, info["offsets"], name="case1_day2")
 
 
 def test_select_by_fold_and_case_day(records_dir, synth_dir):
     table = index.read_index(synth_dir)
-    fold0 = {v["case_day"] for v in records.read_volumes(records_dir, [0])}
-    assert set(predict.select(table, folds=[0], records_dir=records_dir)["case_day"]) == fold0
+    fold0 = {v["case_day"] for v in reader.read_volumes(records_dir, [0])}
+    assert set(predict_lib.select(table, folds=[0], fold_cases=reader.fold_cases(records_dir))["case_day"]) == fold0
     one = table["case_day"].iloc[-1]
-    assert set(predict.select(table, case_days=[one])["case_day"]) == {one}
+    assert set(predict_lib.select(table, case_days=[one])["case_day"]) == {one}
     with pytest.raises(DataError, match="case999_day1"):
-        predict.select(table, case_days=["case999_day1"])
+        predict_lib.select(table, case_days=["case999_day1"])
 
 
 def test_overlays_show_every_predicted_organ():
@@ -104,8 +112,8 @@ def test_overlays_show_every_predicted_organ():
         masks[i, ..., 0].reshape(-1)[:pixels] = 1
     masks[0, 0, 0, 2] = 1  # a one-pixel stomach, on a slice with nothing else
     masks[4, 0, :2, 1] = 1
-    assert predict.overlay_slices(masks, 2) == [0, 4]  # each class's largest: 4 (both bowels), 0 (stomach)
-    assert predict.overlay_slices(masks, 3) == [0, 1, 4]  # then each class's second: large bowel's 1
-    assert predict.overlay_slices(masks, 4) == [0, 1, 4, 7]
-    assert predict.overlay_slices(masks, 20) == list(range(8))
-    assert predict.overlay_slices(np.zeros_like(masks), 2) == [0, 1]
+    assert pick_slices(masks, 2) == [0, 4]  # each class's largest: 4 (both bowels), 0 (stomach)
+    assert pick_slices(masks, 3) == [0, 1, 4]  # then each class's second: large bowel's 1
+    assert pick_slices(masks, 4) == [0, 1, 4, 7]
+    assert pick_slices(masks, 20) == list(range(8))
+    assert pick_slices(np.zeros_like(masks), 2) == [0, 1]

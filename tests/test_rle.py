@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tfseg import rle
+from tfseg.kaggle import rle
 
 
 @settings(max_examples=200, deadline=None)

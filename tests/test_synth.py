@@ -8,7 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from tfseg import CLASSES, overlay, rle, synth
+from tfseg import CLASSES
+from tfseg import draw as overlay
+from tfseg import synth as synth_command
+from tfseg.kaggle import rle, synth
 
 SCAN = re.compile(r"slice_(\d{4})_(\d+)_(\d+)_(\d+\.\d\d)_(\d+\.\d\d)\.png")
 
@@ -163,7 +166,7 @@ def test_draw_contours_outlines_masks():
 
 def test_preview_command_writes_png(tiny, tmp_path):
     out = tmp_path / "preview.png"
-    assert synth.main(["--out", str(tiny), "--preview", str(out)]) == 0
+    assert synth_command.main(["--out", str(tiny), "--preview", str(out)]) == 0
     image = cv2.imread(str(out))
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 300
     tiles = image[: int(image.shape[0] * 0.85)].astype(int)  # above the legend

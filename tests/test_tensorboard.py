@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests import processes
-from tfseg import loop, train
 from tfseg.config import load_config
+from tfseg.layout import RunFolder
+from tfseg.training.trainer import train
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 
@@ -24,7 +25,7 @@ def smoke_run(records_dir, tmp_path_factory):
     config = load_config(SMOKE, [f"data.records={records_dir}", "train.epochs=2", "train.steps_per_epoch=2",
                                  "train.image_log_every=1"])
     run_dir = tmp_path_factory.mktemp("runs") / "tb"
-    return train.train(config, run_dir, progress=False), run_dir
+    return train(config, run_dir, progress=False), run_dir
 
 
 def free_port() -> int:
@@ -45,7 +46,7 @@ def test_tensorboard_serves_the_run(smoke_run, tmp_path):
     base = f"http://127.0.0.1:{port}"
     binary = Path(sys.executable).parent / "tensorboard"
     with open(tmp_path / "tensorboard.log", "w") as log:
-        proc = subprocess.Popen([str(binary), "--logdir", str(run_dir / loop.LOGS), "--host", "127.0.0.1",
+        proc = subprocess.Popen([str(binary), "--logdir", str(RunFolder(run_dir).logs), "--host", "127.0.0.1",
                                  "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
                                 stdout=log, stderr=subprocess.STDOUT)
     try:

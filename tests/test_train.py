@@ -9,8 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from tfseg import CLASSES, cli, curves, loop, train
+from tfseg import CLASSES, cli, train
 from tfseg.config import load_config
+from tfseg.layout import RunFolder
+from tfseg.training import curves
+from tfseg.training.optimizer import make_optimizer
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 
@@ -44,13 +47,13 @@ def test_run_folder_is_complete(smoke_run, records_dir):
     columns = {"epoch", "loss", "val_loss", "val_dice", "lr", "seconds", *(f"val_dice_{c}" for c in CLASSES)}
     assert columns <= set(rows[0])
     assert np.allclose([float(r["val_dice"]) for r in rows], [h["val_dice"] for h in result.history], atol=1e-5)
-    assert (run_dir / loop.BEST_WEIGHTS).exists()
-    picture = cv2.imread(str(run_dir / curves.FILE_NAME))
+    assert (RunFolder(run_dir).best_weights).exists()
+    picture = cv2.imread(str(RunFolder(run_dir).curves))
     assert picture is not None and picture.shape[0] > 200 and picture.shape[1] > 2 * picture.shape[0]
-    assert len(list((run_dir / loop.CHECKPOINTS).glob("ckpt-*.index"))) >= 1
-    assert list((run_dir / loop.LOGS / "train").glob("events.out.tfevents.*"))
-    assert list((run_dir / loop.LOGS / "validation").glob("events.out.tfevents.*"))
-    loaded = keras.models.load_model(run_dir / loop.FINAL_MODEL, compile=False)
+    assert len(list((RunFolder(run_dir).checkpoints).glob("ckpt-*.index"))) >= 1
+    assert list((RunFolder(run_dir).logs / "train").glob("events.out.tfevents.*"))
+    assert list((RunFolder(run_dir).logs / "validation").glob("events.out.tfevents.*"))
+    loaded = keras.models.load_model(RunFolder(run_dir).final_model, compile=False)
     x = np.random.default_rng(0).random((2, *result.model.input_shape[1:]), dtype=np.float32)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-5)
 
@@ -74,7 +77,7 @@ def test_mixed_precision_trains_with_float32_outputs(precision, records_dir, tmp
     assert result.model.get_layer("enc0_1_conv").compute_dtype == precision.removeprefix("mixed_")
     assert np.isfinite(result.history[0]["loss"])
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
-    optimizer = loop.make_optimizer(config.train, 1, precision)
+    optimizer = make_optimizer(config.train, 1, precision)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
 
 
@@ -85,7 +88,7 @@ def test_nan_loss_stops_with_a_clear_message(records_dir, tmp_path, capsys):
     assert cli.run(train.main, argv) == 1
     err = capsys.readouterr().err
     assert "error: loss is nan" in err and "learning_rate" in err
-    assert not (run_dir / loop.FINAL_MODEL).exists()
+    assert not (RunFolder(run_dir).final_model).exists()
 
 
 def test_tpu_without_a_tpu_is_a_clear_error(tmp_path, capsys, monkeypatch):

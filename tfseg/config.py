@@ -35,7 +35,7 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     enabled: bool = True
-    flip_horizontal: bool = True
+    flip_horizontal: bool = False  # off: the organs lie on fixed sides of the body (stomach on the left)
     flip_vertical: bool = False
     rotation_degrees: float = 15.0
     scale: float = 0.1  # zoom in/out by up to this fraction
@@ -85,7 +85,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # global gradient norm clipping (0: off)
     threshold: float = 0.5  # probability -> mask
     strategy: str = "auto"  # auto | default | one_device | mirrored | multiworker | tpu
-    precision: str = "mixed_float16"  # auto | float32 | mixed_float16 | mixed_bfloat16
+    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: training.strategy)
     cpu_replicas: int = 0  # >0: split the CPU into this many logical devices (tests, mirrored)
     jit_compile: bool = False
     tpu: str | None = None

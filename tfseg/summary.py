@@ -5,14 +5,13 @@ what evaluate, export and predict wrote; it computes nothing new, so it is insta
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from tfseg import cli, curves
-from tfseg.errors import DataError
+from tfseg import cli
+from tfseg.evaluation.report import pipeline_summary
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfseg.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,27 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submission", help="submission CSV written by tfseg.predict")
     parser.add_argument("--overlays", help="overlay folder written by tfseg.predict")
     args = parser.parse_args(argv)
-    run = Path(args.run)
-    summary_path = run / "eval" / "summary.json"
-    if not summary_path.exists():
-        raise DataError(f"{summary_path}: missing; run python -m tfseg.evaluate --run {run} first")
-    summary = json.loads(summary_path.read_text())
-    print("\n=== tfseg summary ===")
-    print(f"held-out score  {summary['score']:.4f}  (dice {summary['dice']:.4f}, hausdorff "
-          f"{summary['hausdorff']:.4f}) on {summary['num_volumes']} volume(s)")
-    print(f"all-empty prediction would score {summary['empty_score']:.4f}")
-    outputs = [("run folder (config, history.csv, checkpoints)", run),
-               ("training curves (loss, per-class Dice)", run / curves.FILE_NAME),
-               ("evaluation report", run / "eval"),
-               ("SavedModel for TF Serving", args.model),
-               ("submission", args.submission),
-               ("overlay PNGs", args.overlays)]
-    for label, path in outputs:
-        if path is not None:
-            print(f"{label:<48} {path}{'' if Path(path).exists() else '  (missing)'}")
-    print(f"look at training curves:  tensorboard --logdir {run.parent} --host 127.0.0.1")
+    print(pipeline_summary(args.run, args.model, args.submission, args.overlays))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(main())

@@ -19,8 +19,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tfseg import CLASSES, paths, records, rle
+from tfseg import CLASSES, layout
 from tfseg.config import AugmentConfig, Config, DataConfig
+from tfseg.kaggle import rle
+from tfseg.records.reader import shard_files
 
 SIZE = 256
 OFFSETS = (-2, 0, 2)
@@ -30,9 +32,9 @@ WARMUP_VOLUMES = 6  # volumes' worth of batches after the shuffle buffer is full
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--records", metavar="DIR", default=paths.RECORDS_DIR,
+    parser.add_argument("--records", metavar="DIR", default=layout.RECORDS_DIR,
                         help="tfseg records made from --data-dir (made if missing) (default: %(default)s)")
-    parser.add_argument("--data-dir", metavar="DIR", default=paths.SYNTH_DATA_DIR,
+    parser.add_argument("--data-dir", metavar="DIR", default=layout.SYNTH_DATA_DIR,
                         help="the Kaggle-layout folder the records came from; the notebook loader reads it "
                              "(default: %(default)s, the synthetic dataset, made if missing)")
     parser.add_argument("--batches", type=int, default=100, metavar="N",
@@ -45,12 +47,12 @@ def add_arguments(parser) -> None:
 
 def _inputs(args) -> tuple[Path, Path]:
     data_dir, records_dir = Path(args.data_dir), Path(args.records)
-    if data_dir == Path(paths.SYNTH_DATA_DIR):
-        from tfseg import synth
+    if data_dir == Path(layout.SYNTH_DATA_DIR):
+        from tfseg.kaggle import synth
 
         synth.ensure_dataset(data_dir)
-    if not (records_dir / "manifest.json").exists():
-        from tfseg.make_records import build_records
+    if not (records_dir / layout.MANIFEST).exists():
+        from tfseg.records.writer import build_records
 
         build_records(data_dir, records_dir)
     return data_dir, records_dir
@@ -82,12 +84,12 @@ def pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: in
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
     import tensorflow as tf
 
-    from tfseg import data
+    from tfseg.data.pipeline import train_dataset
 
     if cores is not None:
         tf.config.threading.set_intra_op_parallelism_threads(cores)
         tf.config.threading.set_inter_op_parallelism_threads(cores)
-    ds = data.train_dataset(_config(records_dir, batch_size, shuffle_buffer, augment), folds=None)
+    ds = train_dataset(_config(records_dir, batch_size, shuffle_buffer, augment), folds=None)
     if cores is not None:
         options = tf.data.Options()
         options.threading.private_threadpool_size = cores
@@ -157,7 +159,7 @@ class NotebookLoader:
 
 def run(args) -> dict:
     data_dir, records_dir = _inputs(args)
-    records.shard_files(records_dir)  # fails early and clearly on an incomplete folder
+    shard_files(records_dir)  # fails early and clearly on an incomplete folder
     common = (records_dir, args.batches, args.batch_size, args.shuffle_buffer)
     # The notebook loader first, before any tf.data threads exist in this process. It buffers nothing,
     # so a third of the batches give its steady rate.

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tfseg import paths
-from tfseg.make_records import build_records
+from tfseg import layout
+from tfseg.records.writer import build_records
 
 FULL_DATA_DIR = "data/synth-full"
 FULL_SLICES = 38_496  # the real data set, which data/synth-full mirrors
@@ -49,7 +49,7 @@ def _dataset(data_dir: Path, limit: int | None) -> Path:
     just `limit` one-day cases of the real size mix, which is much quicker to make."""
     if (data_dir / "train.csv").exists():
         return data_dir
-    from tfseg import synth
+    from tfseg.kaggle import synth
 
     if limit and str(data_dir) == FULL_DATA_DIR:
         data_dir = Path(f"{FULL_DATA_DIR}-sample{limit}")
@@ -61,7 +61,7 @@ def _dataset(data_dir: Path, limit: int | None) -> Path:
 
 def run(args) -> dict:
     data_dir = _dataset(Path(args.data_dir), args.limit_volumes)
-    work = Path(paths.RECORDS_DIR).parent
+    work = Path(layout.RECORDS_DIR).parent
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bench-records-", dir=work) as tmp:
         tmp = Path(tmp)

@@ -11,13 +11,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tensorflow as tf
 
-from tfseg import export, synth
-from tfseg.client import context_rows
 from tfseg.config import load_config
+from tfseg.data.context import context_rows
+from tfseg.kaggle import synth
+from tfseg.kaggle.scans import encode_png
+from tfseg.layout import PREDICT_FLOAT, SIGNATURE
+from tfseg.serving.savedmodel import write_saved_model
+from tfseg.training.run_folder import load_run_model
 
 BATCH = 32
 
@@ -46,29 +49,29 @@ def _scans(offsets) -> tuple[list[list[bytes]], tuple[int, int]]:
     """K-slice contexts of a 32-slice synthetic volume as the PNG bytes a client sends, and its (H, W)."""
     volume = synth.plan_volumes(cases=1, seed=0, days=1, num_slices=BATCH)[0]
     image, _ = synth.render_volume(volume, seed=0)
-    pngs = [cv2.imencode(".png", s)[1].tobytes() for s in image]
+    pngs = [encode_png(s) for s in image]
     return context_rows(pngs, offsets), image.shape[1:]
 
 
 def run(args) -> dict:
     if args.run:
-        config, model, _ = export.load_run_model(args.run)
+        config, model, _ = load_run_model(args.run)
         print(f"model of {args.run}")
     else:
-        from tfseg import train
+        from tfseg.model.build import build_model
 
         config = load_config(args.config if Path(args.config).exists() else None, ["train.precision=float32"])
-        model = train.build_model(config)
+        model = build_model(config)
         print(f"model of {args.config} with random weights (float32; speed does not depend on the weights)")
     rows, scan_hw = _scans(config.data.offsets)
     height, width = config.data.image_size
     print(f"scans {scan_hw[1]} x {scan_hw[0]} px, model input {width} x {height} x {len(config.data.offsets)}, "
           f"{model.count_params():,} parameters")
     with tempfile.TemporaryDirectory() as tmp:
-        path = export.write_saved_model(model, config, Path(tmp) / "1", verbose=False)
+        path = write_saved_model(model, config, Path(tmp) / "1", verbose=False)
         loaded = tf.saved_model.load(str(path))
-    png = loaded.signatures["serving_default"]
-    floats = loaded.signatures["predict_float"]
+    png = loaded.signatures[SIGNATURE]
+    floats = loaded.signatures[PREDICT_FLOAT]
     rng = np.random.default_rng(0)
     scans = {n: rng.random((n, height, width, len(config.data.offsets)), dtype=np.float32) for n in (1, BATCH)}
     requests = {1: tf.constant(rows[BATCH // 2:BATCH // 2 + 1]), BATCH: tf.constant(rows)}

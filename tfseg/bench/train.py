@@ -9,14 +9,14 @@ import subprocess
 import sys
 import time
 
-from tfseg import paths
+from tfseg import layout
 
 VARIANTS = {"float32": ("float32", False), "bf16": ("mixed_bfloat16", False), "xla": ("float32", True)}
 CACHED_BATCHES = 4
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--records", default=paths.RECORDS_DIR, help=f"records folder (default: {paths.RECORDS_DIR})")
+    parser.add_argument("--records", default=layout.RECORDS_DIR, help=f"records folder (default: {layout.RECORDS_DIR})")
     parser.add_argument("--config", default="configs/cpu.yaml", help="model and input size (default: configs/cpu.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, after tracing (default: 3)")
@@ -28,18 +28,22 @@ def measure(config_path: str, records: str, precision: str, jit: bool, steps: in
     import keras
     import tensorflow as tf
 
-    from tfseg import data, loop, train
     from tfseg.config import load_config
+    from tfseg.data.pipeline import train_dataset
+    from tfseg.model.build import build_loss, build_model
+    from tfseg.training.optimizer import make_optimizer
+    from tfseg.training.steps import Steps
+    from tfseg.training.trainer import train_folds
 
     config = load_config(config_path, [f"data.records={json.dumps(records)}", f"train.precision={precision}",
                                        f"train.jit_compile={str(jit).lower()}", "train.strategy=default"])
     keras.config.set_dtype_policy(precision)
-    model = train.build_model(config)
-    optimizer = loop.make_optimizer(config.train, 1000, precision)
+    model = build_model(config)
+    optimizer = make_optimizer(config.train, 1000, precision)
     optimizer.build(model.trainable_variables)
-    steps_fn = loop.Steps(tf.distribute.get_strategy(), model, optimizer, train.build_loss(config),
+    steps_fn = Steps(tf.distribute.get_strategy(), model, optimizer, build_loss(config),
                           config.data.batch_size, config)
-    pipeline = data.train_dataset(config, train.train_folds(config))
+    pipeline = train_dataset(config, train_folds(config))
     out = {}
     for name, dataset in (("pipeline", pipeline), ("cached", pipeline.take(CACHED_BATCHES).cache().repeat())):
         batches = iter(dataset)

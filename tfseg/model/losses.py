@@ -1,4 +1,4 @@
-"""Segmentation losses and overlap metrics for [B, H, W, C] multi-label masks and probabilities.
+"""Segmentation losses for [B, H, W, C] multi-label masks and probabilities.
 
 Losses return one value per example from `call` (Dice and Tversky are soft scores per example and
 class, averaged over classes), so Keras' own reduction gives the batch mean in `model.fit`, and a
@@ -10,13 +10,12 @@ makes that split exact. Everything is computed in float32, whatever the model's 
 import keras
 from keras import ops
 
-from tfseg import CLASSES
 from tfseg.errors import ConfigError
 
 EPSILON = 1e-7  # clip probabilities away from 0 and 1 before taking logs
 
 
-def _as_float32(y_true, y_pred):
+def as_float32(y_true, y_pred):
     y_true = ops.cast(ops.convert_to_tensor(y_true), "float32")
     y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
     shapes = tuple(y_true.shape), tuple(y_pred.shape)
@@ -32,7 +31,7 @@ def _mean_per_example(values):
     return ops.mean(values, axis=list(range(1, len(values.shape)))) if len(values.shape) > 1 else values
 
 
-def _check(condition: bool, message: str) -> None:
+def check_option(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -64,10 +63,10 @@ class _SegmentationLoss(keras.losses.Loss):
         for key, value in self._options.items():
             setattr(self, key, value)
         if "smooth" in options:
-            _check(self.smooth > 0, f"{default_name}: smooth must be > 0, got {self.smooth}")
+            check_option(self.smooth > 0, f"{default_name}: smooth must be > 0, got {self.smooth}")
 
     def call(self, y_true, y_pred):
-        return self.per_example(*_as_float32(y_true, y_pred))
+        return self.per_example(*as_float32(y_true, y_pred))
 
     def get_config(self):
         return {**super().get_config(), **self._options}
@@ -91,7 +90,7 @@ class BceDiceLoss(_SegmentationLoss):
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  batch_dice: bool = False, **kwargs):
-        _check(bce_weight >= 0 and dice_weight >= 0 and bce_weight + dice_weight > 0,
+        check_option(bce_weight >= 0 and dice_weight >= 0 and bce_weight + dice_weight > 0,
                f"bce_dice: weights must be >= 0 and not both 0, got {bce_weight}, {dice_weight}")
         super().__init__("bce_dice", {"bce_weight": bce_weight, "dice_weight": dice_weight, "smooth": smooth},
                          **kwargs)
@@ -114,7 +113,7 @@ class TverskyLoss(_SegmentationLoss):
     """1 - soft Tversky index per example (mean over classes); beta > alpha penalises misses more."""
 
     def __init__(self, alpha: float = 0.3, beta: float = 0.7, smooth: float = 1.0, **kwargs):
-        _check(alpha >= 0 and beta >= 0 and alpha + beta > 0,
+        check_option(alpha >= 0 and beta >= 0 and alpha + beta > 0,
                f"tversky: alpha and beta must be >= 0 and not both 0, got {alpha}, {beta}")
         super().__init__("tversky", {"alpha": alpha, "beta": beta, "smooth": smooth}, **kwargs)
 
@@ -131,8 +130,8 @@ class FocalLoss(_SegmentationLoss):
     """
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25, **kwargs):
-        _check(gamma >= 0, f"focal: gamma must be >= 0, got {gamma}")
-        _check(0 <= alpha <= 1, f"focal: alpha must be in [0, 1], got {alpha}")
+        check_option(gamma >= 0, f"focal: gamma must be >= 0, got {gamma}")
+        check_option(0 <= alpha <= 1, f"focal: alpha must be in [0, 1], got {alpha}")
         super().__init__("focal", {"gamma": gamma, "alpha": alpha}, **kwargs)
 
     def per_example(self, y_true, y_pred):
@@ -160,80 +159,4 @@ def per_example_loss(loss: keras.losses.Loss, y_true, y_pred):
     Works for any Keras Loss: values that `call` leaves per pixel are averaged. Scale with
     `tf.nn.compute_average_loss(values, global_batch_size=...)` inside `strategy.run`.
     """
-    return _mean_per_example(ops.cast(loss.call(*_as_float32(y_true, y_pred)), "float32"))
-
-
-class _OverlapMetric(keras.metrics.Metric):
-    """Sums per-class intersections and cardinalities of thresholded masks over every batch seen.
-
-    The result is the score of all those pixels at once (not a mean of per-batch scores): the
-    score of one class, or the mean over classes when class_index is None. A class with no positive
-    pixel in either mask scores 1. Sums are float32: relative error ~1e-7 per batch added.
-    """
-
-    def __init__(self, class_index: int | None = None, threshold: float = 0.5, num_classes: int = len(CLASSES),
-                 name: str | None = None, dtype=None):
-        _check(isinstance(num_classes, int) and num_classes >= 1,
-               f"{type(self).__name__}: num_classes must be a positive integer, got {num_classes!r}")
-        _check(class_index is None or (isinstance(class_index, int) and 0 <= class_index < num_classes),
-               f"{type(self).__name__}: class_index must be None or in 0..{num_classes - 1}, got {class_index!r}")
-        _check(0 <= threshold < 1, f"{type(self).__name__}: threshold must be in [0, 1), got {threshold!r}")
-        super().__init__(name=name or self.default_name, dtype=dtype)
-        self.class_index, self.threshold, self.num_classes = class_index, float(threshold), num_classes
-        self.intersection, self.pred_sum, self.true_sum = (
-            self.add_variable((num_classes,), "zeros", dtype="float32", name=n)
-            for n in ("intersection", "pred_sum", "true_sum"))
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        """sample_weight, if given, is one weight per example, [B]."""
-        y_true, y_pred = _as_float32(y_true, y_pred)
-        if y_pred.shape[-1] not in (None, self.num_classes):
-            raise ValueError(f"{self.name}: expected {self.num_classes} classes, got shape {tuple(y_pred.shape)}")
-        true = ops.cast(y_true > 0.5, "float32")
-        pred = ops.cast(y_pred > self.threshold, "float32")
-        weight = 1.0
-        if sample_weight is not None:
-            weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1,) + (1,) * (len(pred.shape) - 1))
-        axes = list(range(len(pred.shape) - 1))
-        self.intersection.assign_add(ops.sum(true * pred * weight, axis=axes))
-        self.pred_sum.assign_add(ops.sum(pred * weight, axis=axes))
-        self.true_sum.assign_add(ops.sum(true * weight, axis=axes))
-
-    def result(self):
-        scores = self.score(self.intersection, self.pred_sum, self.true_sum)
-        return ops.mean(scores) if self.class_index is None else scores[self.class_index]
-
-    def get_config(self):
-        return {"class_index": self.class_index, "threshold": self.threshold,
-                "num_classes": self.num_classes, "name": self.name, "dtype": self.dtype}
-
-
-@keras.saving.register_keras_serializable(package="tfseg")
-class DiceMetric(_OverlapMetric):
-    """Hard Dice 2|P & T| / (|P| + |T|) over all pixels seen; 1 when both masks are empty."""
-
-    default_name = "dice"
-
-    @staticmethod
-    def score(inter, pred, true):
-        total = pred + true
-        return ops.where(total > 0, ops.divide_no_nan(2.0 * inter, total), 1.0)
-
-
-@keras.saving.register_keras_serializable(package="tfseg")
-class IoUMetric(_OverlapMetric):
-    """Hard IoU |P & T| / |P | T| over all pixels seen; 1 when both masks are empty."""
-
-    default_name = "iou"
-
-    @staticmethod
-    def score(inter, pred, true):
-        union = pred + true - inter
-        return ops.where(union > 0, ops.divide_no_nan(inter, union), 1.0)
-
-
-def get_metrics(class_names: tuple[str, ...] = CLASSES, threshold: float = 0.5) -> list[keras.metrics.Metric]:
-    """dice_<class> for each class, then mean-over-classes `dice` and `iou`."""
-    n = len(class_names)
-    per_class = [DiceMetric(i, threshold, n, name=f"dice_{c}") for i, c in enumerate(class_names)]
-    return [*per_class, DiceMetric(None, threshold, n, name="dice"), IoUMetric(None, threshold, n, name="iou")]
+    return _mean_per_example(ops.cast(loss.call(*as_float32(y_true, y_pred)), "float32"))

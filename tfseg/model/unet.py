@@ -24,9 +24,8 @@ ENCODERS = {
 }
 ENCODER_WEIGHTS = (None, "imagenet")
 GROUPS = 8  # GroupNormalization groups (fewer when a layer has fewer channels)
-# Batch-norm moving averages keep 10% of each new batch (PyTorch's default; Keras' 0.99 keeps 1%): with
-# Keras' default the statistics used at validation lagged the weights by ~100 steps and short CPU runs
-# validated far below their training Dice until the learning rate had decayed.
+# Batch-norm moving averages keep 10% of each new batch (PyTorch's default; Keras' 0.99 keeps 1%), so
+# the statistics used at validation keep up with the weights in short runs.
 BN_MOMENTUM = 0.9
 
 

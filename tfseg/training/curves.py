@@ -7,9 +7,7 @@ train command writes it to runs/NAME/curves.png at the end, and the README shows
 from pathlib import Path
 
 from tfseg import CLASSES, files
-from tfseg.overlay import CLASS_COLORS
-
-FILE_NAME = "curves.png"  # in the run folder: written by train, listed by summary
+from tfseg.draw import CLASS_COLORS
 
 
 def plot_history(rows: list[dict], path: str | Path) -> None:

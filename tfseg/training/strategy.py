@@ -17,11 +17,9 @@ import tensorflow as tf
 
 from tfseg.errors import ConfigError
 
-# CPU flags of native bfloat16 arithmetic (x86 avx512_bf16 / amx_bf16, ARM "bf16"). Only with these
-# is mixed_bfloat16 the CPU default: on an AVX2-only CPU (2-core AMD EPYC, TF 2.21) bf16 convolutions
-# run forward about as fast as float32 but BACKWARD ~13x slower (no fast kernel), so training steps
-# were 5-8x slower than float32 (bench train: 0.21x; XLA recovers part of it, still not faster than
-# float32); float16 is emulated on every CPU and never the default there.
+# CPU flags of native bfloat16 arithmetic (x86 avx512_bf16 / amx_bf16, ARM "bf16"). Only with these is
+# mixed_bfloat16 the CPU default: without them bf16 training falls back to slow kernels (README,
+# benchmarks); float16 is emulated on every CPU and never the default there.
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 

@@ -1,5 +1,7 @@
-"""Mask contours drawn over scans, and image grids with a class legend (previews, inspection, TensorBoard)."""
+"""Mask contours drawn over scans, image grids with a class legend, and which slices to show
+(synthetic previews, records inspection, TensorBoard, predict's overlays)."""
 
+import itertools
 import os
 from pathlib import Path
 
@@ -20,15 +22,13 @@ def lighter(color, amount: float = 0.55) -> tuple[int, int, int]:
 
 
 def to_rgb(scan: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Any-dtype scan [H, W] (or [H, W, C]: its middle channel, the centre of a 2.5D stack) -> RGB uint8.
+    """Any-dtype scan [H, W] -> RGB uint8 (of a 2.5D stack, pass the centre channel: tfseg.data.context).
 
     Normalised per image between two percentiles, since raw MRI intensities vary a lot between scans.
     """
     scan = np.asarray(scan, np.float32)
-    if scan.ndim == 3:
-        scan = scan[..., scan.shape[-1] // 2]
     if scan.ndim != 2:
-        raise ValueError(f"scan must be [H, W] or [H, W, C], got shape {scan.shape}")
+        raise ValueError(f"scan must be [H, W], got shape {scan.shape}")
     lo, hi = np.percentile(scan, (low, high))
     gray = np.clip((scan - lo) / max(float(hi - lo), 1e-6), 0, 1)
     return np.repeat((gray * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
@@ -110,3 +110,15 @@ def save_grid(images, titles, path: str | os.PathLike, *, cols: int = 3,
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
     return path
+
+
+def pick_slices(masks: np.ndarray, count: int) -> list[int]:
+    """Indices (in slice order) of up to `count` slices of [D, H, W, C] masks that show every organ:
+    each class's largest slices in turn (the stomach is small next to the bowels: ranked by total
+    area it would never be shown), then the slices with the most organ overall."""
+    area = masks.sum(axis=(1, 2), dtype=np.int64)  # [D, C]; signed: -area of uint8 sums would wrap
+    per_class = [[i for i in np.argsort(-area[:, c], kind="stable") if area[i, c] > 0] for c in range(area.shape[1])]
+    candidates = [*itertools.chain.from_iterable(itertools.zip_longest(*per_class)),
+                  *np.argsort(-area.sum(axis=1), kind="stable")]
+    chosen = dict.fromkeys(int(i) for i in candidates if i is not None)
+    return sorted(list(chosen)[:count])

@@ -1,4 +1,5 @@
-"""Reading and checking 16-bit scan PNGs (the default cv2/TF flags silently drop to 8 bits)."""
+"""Reading and writing scan and mask PNGs: 16-bit scans kept exact (cv2's and TF's default flags
+silently drop to 8 bits) and one encoder for every PNG tfseg writes."""
 
 import os
 
@@ -6,6 +7,12 @@ import cv2
 import numpy as np
 
 from tfseg.errors import DataError
+
+# cv2.imencode parameters: FAST for any image; FLAT for 0/1 masks (row filters only cost time on flat
+# images, and run-length zlib packs them smaller); () keeps OpenCV's defaults.
+FAST = (cv2.IMWRITE_PNG_COMPRESSION, 1)
+FLAT = (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+        cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE)
 
 
 def read_scan(path: str | os.PathLike, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -27,11 +34,11 @@ def read_scan(path: str | os.PathLike, expect_hw: tuple[int, int] | None = None)
     return image
 
 
-def encode_png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray, params=FAST) -> bytes:
     """Lossless PNG bytes of a uint16 [H, W] scan or a uint8 [H, W, 3] mask (channel order kept)."""
     if image.ndim == 3:
         image = image[..., ::-1]  # cv2 writes BGR; keep channel 0 first in the PNG, as TF reads it
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image), list(params))
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()

@@ -1,7 +1,5 @@
-"""Input pipelines from the TFRecords: training batches (2.5D, augmented, shuffled, sharded per input
-pipeline), the ordered evaluation stream that reassembles into volumes, and the preprocessing blocks
-(normalize, context_stack, resize) that the SavedModel export reuses inside its serving graph.
-"""
+"""tf.data input pipelines from the TFRecords: endless augmented 2.5D training batches (shuffled, sharded per
+input pipeline) and the ordered evaluation stream that reassembles into volumes."""
 
 import random
 import warnings
@@ -10,82 +8,17 @@ from pathlib import Path
 import tensorflow as tf
 from keras import ops
 
-from tfseg import augment, features, records
 from tfseg.config import Config, DataConfig
+from tfseg.data import augment
+from tfseg.data.context import context_stack
+from tfseg.data.preprocess import normalize, resize_images, resize_masks
+from tfseg.layout import read_manifest
+from tfseg.records import features, reader
 
 AUTOTUNE = tf.data.AUTOTUNE
-# Percentiles are read off a strided subsample of at most this many values: ordering a whole
-# 144 x 360 x 310 volume (16 M values) would dominate the pipeline, and 2^18 evenly spread values pin
-# the 0.5 / 99.5 percentiles to well under 1 % of the intensity range.
-PERCENTILE_SAMPLES = 1 << 18
 VOLUME_CYCLE = 4  # volumes whose slices alternate before the shuffle buffer (memory: ~4 volumes)
 QUANT = 65535.0  # scans in [0, 1] <-> uint16
 STAGE_KEEP, STAGE_CROP, STAGE_AUGMENT, STAGE_INTENSITY = 1, 2, 3, 4  # independent random streams per pipeline stage
-
-
-# ---- graph-friendly building blocks (training, evaluation and the serving graph) ------------------
-
-def percentiles(values, qs) -> tf.Tensor:
-    """Percentiles (numpy's linear interpolation) over ALL values of `values`; deterministic."""
-    flat = tf.reshape(values, [-1])
-    stride = tf.maximum(1, -(-tf.size(flat) // PERCENTILE_SAMPLES))
-    sample = tf.cast(tf.reshape(flat[::stride], [-1]), tf.float32)  # reshape keeps the rank known
-    last = tf.size(sample) - 1
-    out = []
-    for q in qs:
-        pos = q / 100 * tf.cast(last, tf.float32)
-        below = tf.cast(tf.floor(pos), tf.int32)
-        above = tf.minimum(below + 1, last)
-        # top_k of the tail instead of a full sort: clip percentiles sit near the ends, so k is small
-        if q <= 50:
-            ascending = -tf.math.top_k(-sample, above + 1).values
-            low, high = tf.gather(ascending, below), tf.gather(ascending, above)
-        else:
-            descending = tf.math.top_k(sample, last + 1 - below).values
-            low, high = tf.gather(descending, last - below), tf.gather(descending, last - above)
-        out.append(low + (high - low) * (pos - tf.floor(pos)))
-    return tf.stack(out)
-
-
-def normalize(images, clip_percentiles) -> tf.Tensor:
-    """Clip to the given percentiles of the whole tensor (a volume, or a serving request) and scale
-    to float32 [0, 1]. Intensities differ a lot between scans, so this is per volume, not global."""
-    low, high = tf.unstack(percentiles(images, clip_percentiles), num=2)
-    scale = 1.0 / tf.maximum(high - low, 1e-6)
-    return tf.clip_by_value(tf.cast(images, tf.float32) * scale - low * scale, 0.0, 1.0)
-
-
-def context_stack(volume, offsets) -> tf.Tensor:
-    """2.5D input: volume [D, H, W] -> [D, H, W, C], channel c of slice i = slice i + offsets[c],
-    clamped at the ends; offsets (0,) gives plain 2D."""
-    depth = tf.shape(volume, out_type=tf.int32)[0]
-    index = tf.range(depth)
-    return tf.stack([tf.gather(volume, tf.clip_by_value(index + o, 0, depth - 1)) for o in offsets], axis=-1)
-
-
-def resize_images(images, size, data_config: DataConfig) -> tf.Tensor:
-    """Scans [N, H, W, C] in [0, 1] to `size`: interpolated (bilinear/area) or centre pad-and-crop."""
-    if data_config.resize == "pad_crop":
-        return tf.image.resize_with_crop_or_pad(images, size[0], size[1])
-    resized = ops.image.resize(images, tuple(size), interpolation=data_config.interpolation)
-    return ops.clip(resized, 0.0, 1.0)  # area sums can overshoot 1 by rounding
-
-
-def resize_masks(masks, size, data_config: DataConfig) -> tf.Tensor:
-    """Masks [N, H, W, K] to `size` with nearest neighbour (or centre pad-and-crop): values stay 0/1."""
-    if data_config.resize == "pad_crop":
-        return tf.image.resize_with_crop_or_pad(masks, size[0], size[1])
-    return ops.image.resize(masks, tuple(size), interpolation="nearest")
-
-
-def restore_size(pred, orig_hw, data_config: DataConfig) -> tf.Tensor:
-    """Invert resize_images for predictions [N, h, w, K]: bilinear on probabilities back to the original
-    (height, width) for `resize`; crop or pad back (same centre offsets) for `pad_crop`."""
-    height, width = orig_hw
-    if data_config.resize == "pad_crop":
-        return tf.image.resize_with_crop_or_pad(pred, height, width)
-    # tf.image.resize: in the serving graph orig_hw are tensors, which ops.image.resize rejects.
-    return tf.image.resize(tf.cast(pred, tf.float32), tf.stack([height, width]), method="bilinear")
 
 
 # ---- training stream ------------------------------------------------------------------------------
@@ -108,28 +41,34 @@ def _resize_nearest(masks, size):
     return ops.image.resize(masks, size, interpolation="nearest")
 
 
+def _fit_volume(image, mask, data: DataConfig):
+    """A normalised volume [D, H, W, 1] and its masks to the model size: resized, or padded to at least
+    it (pad_crop: the random crop per slice comes later)."""
+    if data.resize == "pad_crop":
+        height = tf.maximum(tf.shape(image)[1], data.image_size[0])
+        width = tf.maximum(tf.shape(image)[2], data.image_size[1])
+        return (tf.image.resize_with_crop_or_pad(image, height, width),
+                tf.image.resize_with_crop_or_pad(mask, height, width))
+    return resize_images(image, data.image_size, data), _resize_nearest(mask, tuple(data.image_size))
+
+
+def _drop_empty(image, mask, keep_empty: float, seed):
+    """Keep every slice with an organ and a random `keep_empty` share of the others."""
+    if keep_empty >= 1:
+        return image, mask
+    organ = tf.reduce_any(mask > 0, axis=[1, 2, 3])
+    keep = organ | (tf.random.stateless_uniform(tf.shape(organ), seed) < keep_empty)
+    return tf.boolean_mask(image, keep), tf.boolean_mask(mask, keep)
+
+
 def _train_volume(index, serialized, config: Config, base: int, pipeline: int):
     """One record -> the volume's kept slices: uint16-quantised scans [K, h, w, C], masks [K, h, w, 3]."""
     data = config.data
     ex = features.decode_volume(serialized)
-    image = normalize(ex["image"], data.clip_percentiles)[..., None]
-    mask = ex["mask"]
-    if data.resize == "pad_crop":  # pad now, random crop per slice later
-        height = tf.maximum(tf.shape(image)[1], data.image_size[0])
-        width = tf.maximum(tf.shape(image)[2], data.image_size[1])
-        image = tf.image.resize_with_crop_or_pad(image, height, width)
-        mask = tf.image.resize_with_crop_or_pad(mask, height, width)
-    else:
-        image = resize_images(image, data.image_size, data)
-        mask = _resize_nearest(mask, tuple(data.image_size))
+    image, mask = _fit_volume(normalize(ex["image"], data.clip_percentiles)[..., None], ex["mask"], data)
     image = augment.augment_volume(image[..., 0], config.augment, _seed(base, STAGE_INTENSITY, pipeline, index))
     image = _quantized_context(image, tuple(data.offsets))
-    if data.keep_empty >= 1:
-        return image, mask
-    organ = tf.reduce_any(mask > 0, axis=[1, 2, 3])
-    lucky = tf.random.stateless_uniform(tf.shape(organ), _seed(base, STAGE_KEEP, pipeline, index))
-    keep = organ | (lucky < data.keep_empty)
-    return tf.boolean_mask(image, keep), tf.boolean_mask(mask, keep)
+    return _drop_empty(image, mask, data.keep_empty, _seed(base, STAGE_KEEP, pipeline, index))
 
 
 def _random_crop(index, image, mask, size, base: int, pipeline: int):
@@ -181,7 +120,7 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
     """Endless (x, y) batches: x float32 [B, h, w, C] in [0, 1], y float32 [B, h, w, 3] of 0/1, with B
     the per-replica batch of `input_context` (or the global batch without one)."""
     data = config.data
-    files = records.shard_files(data.records, folds)
+    files = reader.shard_files(data.records, folds)
     global_batch = global_batch_size or data.batch_size
     batch = input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
     pipeline = input_context.input_pipeline_id if input_context else 0
@@ -216,8 +155,8 @@ def count_slices(records_dir, folds, keep_empty: float = 1.0) -> int:
     """Slices of the chosen folds per training epoch: all slices, organ-free ones weighted by keep_empty
     (expected count). From the manifest's per-shard counts when it has them and keep_empty is 1;
     otherwise from the records (slice lists, plus the mask PNGs when keep_empty < 1)."""
-    files = records.shard_files(records_dir, folds)
-    listed = [s for s in records.read_manifest(records_dir)["shards"]
+    files = reader.shard_files(records_dir, folds)
+    listed = [s for s in read_manifest(records_dir)["shards"]
               if str(Path(records_dir) / s["path"]) in set(files)]
     if keep_empty >= 1 and all("slices" in s for s in listed):
         return sum(int(s["slices"]) for s in listed)
@@ -263,7 +202,7 @@ def eval_dataset(config: Config, folds, batch_size: int) -> tf.data.Dataset:
     uint8 [B, h, w, 3] (resized), case_day, slice (number), index (0-based), depth, orig_height,
     orig_width. Predictions regroup by (case_day, index) and go back to size with restore_size."""
     data = config.data
-    ds = tf.data.TFRecordDataset(records.shard_files(data.records, folds))
+    ds = tf.data.TFRecordDataset(reader.shard_files(data.records, folds))
     ds = ds.map(lambda s: _eval_volume(s, data), num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.unbatch().batch(batch_size).prefetch(AUTOTUNE)
     # Evaluation must see every volume whole and in order: never let tf.distribute shard it.

@@ -1,0 +1,80 @@
+"""evaluate's report: a table, per-volume CSV, summary JSON and a bar chart; and the closing summary
+of a pipeline run, read back from what the stages wrote."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tfseg import CLASSES, files
+from tfseg.errors import DataError
+from tfseg.layout import EVAL_PER_VOLUME, EVAL_SCORES_PLOT, EVAL_SUMMARY, RunFolder
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'class':<14}{'dice':>8}{'hausdorff':>11}{'score':>8}{'empty':>8}"]
+    for name, suffix in [*((c, f"_{c}") for c in CLASSES), ("all", "")]:
+        lines.append(f"{name:<14}{summary['dice' + suffix]:>8.4f}{summary['hausdorff' + suffix]:>11.4f}"
+                     f"{summary['score' + suffix]:>8.4f}{summary['empty_score' + suffix]:>8.4f}")
+    lines.append(f"{summary['num_volumes']} volume(s); score = 0.4 x dice + 0.6 x (1 - hausdorff); "
+                 "'empty' scores an all-empty prediction")
+    return "\n".join(lines)
+
+
+def plot_scores(rows: list[dict], path: Path) -> None:
+    """Bar chart of per-volume scores (worst first), with the all-empty score of each volume."""
+    from matplotlib.figure import Figure
+
+    rows = sorted(rows, key=lambda r: r["score"])
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(6.0, 0.25 * len(rows) + 2), 4))
+    ax = fig.subplots()
+    ax.bar(x, [r["score"] for r in rows], color="#4878d0", label="score")
+    ax.scatter(x, [r["empty_score"] for r in rows], color="#d65f5f", marker="_", s=120, zorder=3,
+               label="all-empty prediction")
+    ax.axhline(np.mean([r["score"] for r in rows]), color="#333333", linestyle="--", linewidth=1, label="mean")
+    ax.set_xticks(x, [r["case_day"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylim(0, 1.12)  # room for the legend above the bars
+    ax.set_ylabel("0.4 dice + 0.6 (1 - hausdorff)")
+    ax.set_title("per-volume score")
+    ax.legend(loc="upper left", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def write_report(out_dir: str | Path, rows: list[dict], summary: dict) -> None:
+    out_dir = Path(out_dir)
+    with files.atomic_path(out_dir / EVAL_PER_VOLUME) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6f")
+    files.write_json(out_dir / EVAL_SUMMARY, summary)
+    plot_scores(rows, out_dir / EVAL_SCORES_PLOT)
+
+
+def report_files(out_dir: str | Path) -> list[Path]:
+    return [Path(out_dir) / name for name in (EVAL_PER_VOLUME, EVAL_SUMMARY, EVAL_SCORES_PLOT)]
+
+
+def pipeline_summary(run_dir: str | Path, model=None, submission=None, overlays=None) -> str:
+    """The closing summary of a pipeline run: the held-out score, where every output is, how to look."""
+    run = RunFolder(run_dir)
+    summary_path = run.eval_dir / EVAL_SUMMARY
+    if not summary_path.exists():
+        raise DataError(f"{summary_path}: missing; run python -m tfseg.evaluate --run {run.path} first")
+    summary = json.loads(summary_path.read_text())
+    lines = ["", "=== tfseg summary ===",
+             f"held-out score  {summary['score']:.4f}  (dice {summary['dice']:.4f}, hausdorff "
+             f"{summary['hausdorff']:.4f}) on {summary['num_volumes']} volume(s)",
+             f"all-empty prediction would score {summary['empty_score']:.4f}"]
+    outputs = [("run folder (config, history.csv, checkpoints)", run.path),
+               ("training curves (loss, per-class Dice)", run.curves),
+               ("evaluation report", run.eval_dir),
+               ("SavedModel for TF Serving", model),
+               ("submission", submission),
+               ("overlay PNGs", overlays)]
+    for label, path in outputs:
+        if path is not None:
+            lines.append(f"{label:<48} {path}{'' if Path(path).exists() else '  (missing)'}")
+    lines.append(f"look at training curves:  tensorboard --logdir {run.path.parent} --host 127.0.0.1")
+    return "\n".join(lines)

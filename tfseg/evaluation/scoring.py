@@ -1,0 +1,95 @@
+"""Score a trained run (or its SavedModel) on held-out volumes with the competition metric.
+
+Every volume of the chosen folds is predicted, taken back to its scans' original size, post-processed
+(tfseg.evaluation.postprocess) and scored per case-day (0.4 x 3D Dice + 0.6 x (1 - 3D Hausdorff));
+the score of an all-empty prediction is reported beside it: what a model that finds nothing gets.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tfseg import CLASSES
+from tfseg.config import Config, load_config
+from tfseg.errors import ConfigError, DataError
+from tfseg.evaluation import metric
+from tfseg.evaluation.postprocess import Postprocess
+from tfseg.evaluation.predictors import Predictor, keras_predictor, predict_volumes, saved_model_predictor
+from tfseg.evaluation.report import write_report
+from tfseg.layout import RunFolder, read_info, read_manifest
+from tfseg.records.reader import read_volumes
+from tfseg.training.run_folder import load_run_model
+
+
+def count_volumes(records_dir, folds) -> int | None:
+    try:
+        manifest = read_manifest(records_dir)
+        return sum(f["volumes"] for f in manifest["folds"] if f["fold"] in set(folds))
+    except (DataError, KeyError, TypeError):
+        return None
+
+
+def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16, threshold: float | None = None,
+             min_component: int | None = None, min_fraction: float | None = None, limit: int | None = None,
+             progress: bool = True) -> tuple[list[dict], dict]:
+    """Score every volume of `folds` (the first `limit` only, if given): (per-volume rows, summary with
+    num_volumes and empty_score)."""
+    post = Postprocess.from_config(config.train, threshold=threshold, min_component=min_component,
+                                   min_component_fraction=min_fraction)
+    truths = read_volumes(config.data.records, folds)  # the same records, in the same order
+    rows, empty_rows = [], []
+    total = count_volumes(config.data.records, folds)
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    bar = tqdm(total=total, unit="volume", desc="evaluate", disable=not progress)
+    for case_day, probabilities in predict_volumes(config, folds, predict, batch_size):
+        truth = next(truths)
+        if truth["case_day"] != case_day:
+            raise DataError(f"{config.data.records}: evaluation stream and records disagree "
+                            f"({case_day} vs {truth['case_day']})")
+        pred = post.masks(probabilities)
+        empty = metric.score_volume(np.zeros_like(truth["mask"]), truth["mask"])
+        rows.append({"case_day": case_day, "depth": pred.shape[0], "height": pred.shape[1], "width": pred.shape[2]}
+                    | metric.score_volume(pred, truth["mask"]) | {"empty_score": empty["score"]})
+        empty_rows.append(empty)
+        bar.update()
+        bar.set_postfix(score=f"{np.mean([r['score'] for r in rows]):.4f}")
+        if limit is not None and len(rows) >= limit:
+            break
+    bar.close()
+    if not rows:
+        raise DataError(f"{config.data.records}: no volumes in fold(s) {list(folds)}")
+    summary = metric.summarize(rows)
+    empty = metric.summarize(empty_rows)
+    summary = {"num_volumes": summary.pop("volumes"), **summary, "empty_score": empty["score"],
+               **{f"empty_score_{c}": empty[f"score_{c}"] for c in CLASSES},
+               **post.to_info(), "folds": [int(f) for f in folds]}
+    return rows, summary
+
+
+def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = None, out: str | Path | None = None,
+                 batch_size: int = 16, threshold: float | None = None, min_component: int | None = None,
+                 min_fraction: float | None = None, limit: int | None = None, progress: bool = True
+                 ) -> tuple[dict, Path]:
+    """Evaluate a run folder's best model, or its export `model` (the predict_float signature), on `folds`
+    (default: the run's validation folds); write the report to `out` (default RUN/eval); return
+    (summary, report folder)."""
+    config = load_config(RunFolder(run_dir).config)
+    folds = folds if folds is not None else config.data.val_folds
+    if model:
+        info = read_info(model)
+        for key, value in (("offsets", list(config.data.offsets)), ("input_size", list(config.data.image_size))):
+            if info[key] != value:
+                raise ConfigError(f"{model}: {key} {info[key]} differs from the run's {value}: "
+                                  "is it an export of this run?")
+        predict, source = saved_model_predictor(model), Path(model)
+    else:
+        config, keras_model, source = load_run_model(run_dir)
+        predict = keras_predictor(keras_model)
+    rows, summary = evaluate(config, folds, predict, batch_size=batch_size, threshold=threshold,
+                             min_component=min_component, min_fraction=min_fraction, limit=limit, progress=progress)
+    summary["model"] = str(source)
+    out = Path(out) if out else RunFolder(run_dir).eval_dir
+    write_report(out, rows, summary)
+    return summary, out

@@ -1,0 +1,455 @@
+"""The built-in synthetic dataset: 3D abdominal MRI phantoms written in exactly the Kaggle layout.
+
+`python -m tfseg.synth --out DIR` writes DIR/train.csv (id,class,segmentation) and 16-bit PNG scans
+under DIR/train/, like the UW-Madison GI Tract data, so every command runs with no download.
+Each case has one anatomy (body, stomach, small-bowel loops, a large-bowel tube along the body's
+edge, unlabelled look-alikes); each of its days moves and deforms it a little. Pixels carry a
+per-case intensity scale, textures, a bias field and Rician noise. Same seed, same bytes.
+"""
+
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy.interpolate import CubicSpline
+from tqdm import tqdm
+
+from tfseg import CLASSES, layout
+from tfseg.draw import draw_contours, save_grid
+from tfseg.errors import ConfigError, DataError
+from tfseg.files import atomic_path, write_bytes
+from tfseg.kaggle import rle
+from tfseg.kaggle.scans import encode_png
+
+# The real table: (width, height, pixel spacing mm, slices, case-days) per scan size.
+SIZES = ((266, 266, 1.50, 144, 180), (360, 310, 1.50, 144, 78), (276, 276, 1.63, 80, 15),
+         (234, 234, 1.50, 144, 1))
+FULL_CASES = (55, 24, 5, 1)  # cases per size with --full: 85 cases, 274 case-days, 38,496 slices
+MAX_DAYS = 5
+Z_EXTENT = 429.0  # mm the slices of a volume span (144 slices, 3 mm apart); fewer slices sample it coarser
+SCALE_RANGE = (300.0, 30000.0)  # per-case intensity scale: the scan maxima of the real data's range
+HEADER = "id,class,segmentation"
+
+# Mean tissue intensities (fraction of the case's scale); each case jitters them a little.
+TISSUE = {
+    "fat": 0.52, "subcutaneous": 0.72, "muscle": 0.2, "liver": 0.32, "kidney": 0.6, "spine": 0.3,
+    "vessel": 0.85, "fluid": 0.88, "sb_wall": 0.16, "sb_lumen": 0.74, "lb_wall": 0.14, "lb_lumen": 0.4,
+    "st_wall": 0.15, "st_fluid": 0.86, "st_food": 0.5, "gas": 0.04,
+}
+# Large-bowel centre line: rectum, sigmoid, descending, transverse, ascending colon, caecum as
+# (lateral, antero-posterior: fractions of the body's half axes; height: fraction of the organ band).
+COLON = ((0.0, 0.42, -0.02), (0.02, 0.36, 0.1), (0.2, 0.12, 0.17), (0.42, 0.0, 0.13), (0.62, 0.18, 0.24),
+         (0.7, 0.2, 0.4), (0.72, 0.1, 0.6), (0.68, -0.2, 0.72), (0.3, -0.62, 0.62), (0.0, -0.68, 0.57),
+         (-0.3, -0.62, 0.61), (-0.64, -0.28, 0.68), (-0.7, 0.1, 0.56), (-0.68, 0.15, 0.4), (-0.6, 0.05, 0.27))
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One case-day to generate: its place in the layout and its geometry."""
+
+    case: int
+    day: int
+    width: int
+    height: int
+    spacing: float
+    slices: int
+    scale: float  # the case's intensity scale (scan maxima come out near it)
+
+    @property
+    def case_day(self) -> str:
+        return f"case{self.case}_day{self.day}"
+
+    def scan_path(self, root: str | os.PathLike, slice_num: int) -> Path:
+        name = (f"slice_{slice_num:04d}_{self.width}_{self.height}_"
+                f"{self.spacing:.2f}_{self.spacing:.2f}.png")
+        return Path(root) / "train" / f"case{self.case}" / self.case_day / "scans" / name
+
+
+def _split_days(rng, n_cases: int, total: int) -> np.ndarray:
+    """Days per case, each 1..MAX_DAYS, summing to total."""
+    days = np.ones(n_cases, int)
+    for _ in range(total - n_cases):
+        days[rng.choice(np.flatnonzero(days < MAX_DAYS))] += 1
+    return days
+
+
+def plan_volumes(cases: int = 6, seed: int = 0, *, full: bool = False, days: int | None = None,
+                 num_slices: int | None = None) -> list[Volume]:
+    """The case-days a dataset holds, sorted by case and day (no pixels: cheap)."""
+    rng = np.random.default_rng([seed, 0])
+    if full:
+        if days is not None or num_slices is not None:
+            raise ConfigError("full=True fixes the days and slices (the real table's mix)")
+        size_of = np.repeat(np.arange(len(SIZES)), FULL_CASES)
+        days_of = np.concatenate([_split_days(rng, n, size[4])
+                                  for n, size in zip(FULL_CASES, SIZES, strict=True)])
+        cases = len(size_of)
+    else:
+        if cases < 1 or (days is not None and not 1 <= days <= MAX_DAYS) or (num_slices or 1) < 1:
+            raise ConfigError(f"need cases >= 1, days in 1..{MAX_DAYS} and num_slices >= 1; got "
+                              f"cases={cases}, days={days}, num_slices={num_slices}")
+        weights = np.array([size[4] for size in SIZES], float)
+        size_of = rng.choice(len(SIZES), cases, p=weights / weights.sum())
+        days_of = rng.integers(1, MAX_DAYS + 1, cases) if days is None else np.full(cases, days)
+    order = rng.permutation(cases)  # which case number gets which size and day count
+    numbers = np.sort(rng.choice(np.arange(1, 2 * cases + 40), cases, replace=False))
+    # Stratified in log space, so even two or three cases span hundreds to tens of thousands.
+    strata = (rng.permutation(cases) + rng.random(cases)) / cases
+    scales = np.exp(np.log(SCALE_RANGE[0]) + strata * np.log(SCALE_RANGE[1] / SCALE_RANGE[0]))
+    volumes = []
+    for number, k, scale in zip(numbers, order, scales, strict=True):
+        width, height, spacing, depth, _ = SIZES[size_of[k]]
+        for day in np.sort(rng.choice(np.arange(40), days_of[k], replace=False)):
+            volumes.append(Volume(int(number), int(day), width, height, spacing, int(num_slices or depth),
+                                  round(float(scale), 1)))
+    return volumes
+
+
+def _resample(points: np.ndarray, step: float) -> np.ndarray:
+    """A smooth curve through control points, sampled every `step` mm of arc length."""
+    chord = np.r_[0, np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))]
+    dense = CubicSpline(chord, points)(np.linspace(0, chord[-1], 20 * len(points)))
+    arc = np.r_[0, np.cumsum(np.linalg.norm(np.diff(dense, axis=0), axis=1))]
+    s = np.arange(0, arc[-1], step)
+    return np.stack([np.interp(s, arc, dense[:, i]) for i in range(3)], axis=1)
+
+
+def _loops(rng, centre, half_axes, length: float, step: float) -> list[np.ndarray]:
+    """Small-bowel centre lines: smooth random walks that turn back inside an ellipsoid."""
+    curves = []
+    n_loops = int(rng.integers(3, 6))
+    for _ in range(n_loops):
+        p = centre + half_axes * rng.uniform(-0.5, 0.5, 3)
+        d = rng.normal(size=3)
+        turn = np.zeros(3)
+        points = []
+        for _ in range(int(length / n_loops / step)):
+            turn = 0.85 * turn + rng.normal(0, 0.12, 3)
+            q = (p - centre) / half_axes
+            inward = -q / half_axes * max(0.0, np.linalg.norm(q) - 0.75) * 60  # steer back before the edge
+            d = d / np.linalg.norm(d) + turn + inward
+            d /= np.linalg.norm(d)
+            p = p + step * d
+            points.append(p)
+        curves.append(np.array(points))
+    return curves
+
+
+def _noise(rng, shape) -> np.ndarray:
+    """Cheap near-Gaussian noise (sum of two uniform bytes, unit variance): far faster than normals."""
+    u = np.frombuffer(rng.bytes(2 * shape[0] * shape[1]), np.uint8).reshape(2, *shape)
+    return (u[0].astype(np.float32) + u[1] - 255) * np.float32(1 / 104.5)
+
+
+def _ellipsoid(x, y, z, centre, half, angle):
+    """Pixels of one slice (z) inside an in-plane-rotated ellipsoid, or None when the slice misses it."""
+    dz = (z - centre[2]) / half[2]
+    if abs(dz) >= 1:
+        return None
+    c, s = np.cos(angle), np.sin(angle)
+    xs, ys = x - centre[0], y - centre[1]
+    u, v = (c * xs + s * ys) / half[0], (c * ys - s * xs) / half[1]
+    return u * u + v * v < 1 - dz * dz
+
+
+class Phantom:
+    """One case-day: the case's anatomy (seeded by seed and case) moved by its day (seeded by the day).
+
+    Anatomy lives in body-centred mm (x to the image's right, y down = posterior, z along the slices);
+    each day maps it to the image with a small rotation, zoom, shift and smooth warp.
+    """
+
+    def __init__(self, vol: Volume, seed: int):
+        self.vol = vol
+        rng = np.random.default_rng([seed, vol.case])
+        a = min(rng.uniform(145, 180), 0.42 * vol.width * vol.spacing)
+        b = min(a * rng.uniform(0.68, 0.8), 0.4 * vol.height * vol.spacing)
+        z0, zlen = rng.uniform(0.22, 0.3) * Z_EXTENT, rng.uniform(0.42, 0.52) * Z_EXTENT
+
+        def at(u, v, f, jitter=0.03):  # body-relative place -> mm, moved a little per case
+            u, v, f = np.array([u, v, f]) + rng.normal(0, jitter, 3)
+            return np.array([u * a, v * b, z0 + f * zlen])
+
+        self.a, self.b = a, b
+        self.body_wave = rng.uniform(0, 2 * np.pi, 4), rng.normal(0, 0.018, 4)
+        self.fat, self.muscle = rng.uniform(12, 28), rng.uniform(6, 10)
+        t = self.tissue = {k: v * rng.uniform(0.92, 1.08) for k, v in TISSUE.items()}
+        span = 10 * Z_EXTENT  # z half axis of things in every slice
+        # Unlabelled structures as (intensity, centre, half axes, in-plane angle); fluid look-alikes too.
+        blobs = [
+            (t["liver"], at(-0.42, -0.1, 0.98), (0.5 * a, 0.72 * b, 0.36 * zlen), rng.uniform(-0.2, 0.2)),
+            (t["kidney"], at(0.5, 0.45, 0.6), (27, 40, 0.2 * zlen), 0.35),
+            (t["kidney"], at(-0.5, 0.45, 0.55), (27, 40, 0.2 * zlen), -0.35),
+            (t["muscle"], at(0.25, 0.82, 0, 0.01), (0.17 * a, 0.15 * b, span), 0.0),
+            (t["muscle"], at(-0.25, 0.82, 0, 0.01), (0.17 * a, 0.15 * b, span), 0.0),
+            (t["spine"], at(0.0, 0.66, 0, 0.01), (21, 17, span), 0.0),
+            (t["vessel"], at(0.1, 0.42, 0, 0.01), (10, 10, span), 0.0),
+            (t["vessel"], at(-0.12, 0.42, 0, 0.01), (13, 9, span), 0.0),
+            (t["fluid"], at(0.0, -0.15, -0.16), (45, 35, 0.12 * zlen), 0.0),  # bladder
+            (t["fluid"], at(-0.3, -0.38, 0.74), (14, 20, 0.08 * zlen), 0.5),  # gallbladder
+        ]
+        for _ in range(rng.integers(1, 5)):  # cysts and fluid pockets
+            value = rng.choice([t["sb_lumen"], t["st_fluid"], t["lb_lumen"]]) * rng.uniform(0.9, 1.1)
+            place = at(rng.uniform(-0.6, 0.6), rng.uniform(-0.55, 0.35), rng.uniform(-0.1, 1.1))
+            blobs.append((value, place, rng.uniform(6, 16, 3), rng.uniform(0, np.pi)))
+        stomach = [(at(0.24, -0.2, 0.85), np.array([44, 38, 0.16 * zlen]), 0.2),  # fundus and body
+                   (at(0.04, -0.38, 0.75), np.array([44, 22, 0.08 * zlen]), 0.3)]  # antrum
+        self.stomach_wall = rng.uniform(5, 7.5)
+        colon = _resample(np.array([at(*p, jitter=0.025) for p in COLON]), 2.0)
+        s = np.arange(len(colon)) * 2.0
+        haustra = 0.9 + 0.16 * np.abs(np.sin(np.pi * s / rng.uniform(28, 40)))
+        # Narrow rectum and sigmoid, wide caecum.
+        ends = np.interp(s / s[-1], [0, 0.2, 0.3, 0.9, 1], [0.75, 0.8, 1, 1, 1.2])
+        self.colon_r = rng.uniform(15, 20) * haustra * ends
+        loops = _loops(rng, at(-0.05, -0.1, 0.45), np.array([0.5 * a, 0.45 * b, 0.28 * zlen]),
+                       rng.uniform(1800, 2600), 2.5)
+        self.sb_r = rng.uniform(12, 15)
+
+        rng = np.random.default_rng([seed, vol.case, vol.day])
+        self.rng = rng  # per-slice textures and noise continue this stream
+        self.shift = np.r_[rng.normal(0, 6, 2), rng.normal(0, 4)]
+        angle, zoom = rng.normal(0, 0.04), rng.uniform(0.97, 1.03)
+        self.affine = zoom * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        self.waves = (rng.normal(0, 2 * np.pi / 220, (2, 2, 3)), rng.uniform(0, 2 * np.pi, (2, 2)),
+                      rng.uniform(1.5, 4, (2, 2)))
+        fill = rng.uniform(0.85, 1.15)
+        self.stomach = [(c, half * [fill, fill, 1], angle) for c, half, angle in stomach]
+        self.content = rng.choice(["fluid", "food", "air"])
+        self.air_level = stomach[0][0][1] - 0.3 * stomach[0][1][1]
+        self.noise = rng.uniform(0.012, 0.035)
+        self.bias = (rng.normal(0, 2 * np.pi / 400, (2, 3)), rng.uniform(0, 2 * np.pi, 2),
+                     rng.uniform(0.08, 0.2, 2))
+        self.day_tissue = rng.uniform(0.97, 1.03)
+        self.colon_px = self._to_image(self._wobble(rng, colon, 3.0))
+        self.sb_px = [self._to_image(self._wobble(rng, c, 4.0)) for c in loops]
+        self.blobs = [(value, centre, half, angle, self._window(centre, max(half[:2])))
+                      for value, centre, half, angle in blobs]
+        self.stomach = [(c, half, angle, self._window(c, max(half[:2]))) for c, half, angle in self.stomach]
+
+    def _warp(self, x, y, z):
+        """Smooth in-plane displacement (mm) of this day at image positions."""
+        k, phase, amp = self.waves
+        return [sum(amp[i, j] * np.sin(k[i, j, 0] * x + k[i, j, 1] * y + k[i, j, 2] * z + phase[i, j])
+                    for j in range(2)) for i in range(2)]
+
+    @staticmethod
+    def _wobble(rng, curve, amp):
+        """Peristalsis: a day's smooth sideways movement along a centre line."""
+        s = np.arange(len(curve))[:, None] / len(curve)
+        return curve + amp * np.sin(2 * np.pi * s * rng.uniform(1, 4, 3) + rng.uniform(0, 2 * np.pi, 3))
+
+    def _to_image(self, points):
+        """Anatomy mm -> image mm (x, y, z) for this day."""
+        xy = points[:, :2] @ self.affine.T + self.shift[:2]
+        dx, dy = self._warp(xy[:, 0], xy[:, 1], points[:, 2])
+        return np.stack([xy[:, 0] + dx, xy[:, 1] + dy, points[:, 2] + self.shift[2]], axis=1)
+
+    def _pixels(self, x_mm, y_mm):
+        vol = self.vol
+        return x_mm / vol.spacing + (vol.width - 1) / 2, y_mm / vol.spacing + (vol.height - 1) / 2
+
+    def _window(self, centre, radius):
+        """Rows and columns that can hold a structure on this day (so slices only compute there)."""
+        x, y, _ = self._to_image(np.asarray(centre, float)[None])[0]
+        col, row = self._pixels(x, y)
+        r = (radius * 1.05 + 2 * self.waves[2].max() + 4) / self.vol.spacing
+        return (slice(max(0, int(row - r)), max(0, int(row + r) + 2)),
+                slice(max(0, int(col - r)), max(0, int(col + r) + 2)))
+
+    def _tubes(self, curves, radii, z, wall):
+        """Outer and lumen masks of tubes (union of balls along centre lines) cut by the slice at z."""
+        vol = self.vol
+        outer = np.zeros((vol.height, vol.width), np.uint8)
+        lumen = np.zeros_like(outer)
+        for pts, r in zip(curves, radii, strict=True):
+            r = np.broadcast_to(r, len(pts))
+            hit = np.abs(pts[:, 2] - z) < r
+            rr = np.sqrt(r[hit] ** 2 - (pts[hit, 2] - z) ** 2) / vol.spacing * 16
+            cx, cy = (np.round(p * 16).astype(int).tolist() for p in self._pixels(pts[hit, 0], pts[hit, 1]))
+            inner = rr - wall / vol.spacing * 16
+            for x, y, r_out, r_in in zip(cx, cy, rr.astype(int).tolist(), inner.astype(int).tolist(),
+                                         strict=True):
+                cv2.circle(outer, (x, y), r_out, 1, -1, cv2.LINE_8, 4)  # 4 fractional bits: 1/16 px
+                if r_in > 0:
+                    cv2.circle(lumen, (x, y), r_in, 1, -1, cv2.LINE_8, 4)
+        return outer.astype(bool), lumen.astype(bool)
+
+    def _smooth_fields(self, z, coarse_grid):
+        """Anatomy coordinates, body radius and bias field of slice z: smooth, so computed coarse."""
+        xg, yg = coarse_grid
+        dx, dy = self._warp(xg, yg, z)
+        inv = np.linalg.inv(self.affine)
+        xs, ys = xg - self.shift[0] - dx, yg - self.shift[1] - dy
+        xa, ya = inv[0, 0] * xs + inv[0, 1] * ys, inv[1, 0] * xs + inv[1, 1] * ys
+        za = z - self.shift[2]
+        phase, amp = self.body_wave
+        swell = 1 + 0.04 * np.sin(2 * np.pi * za / Z_EXTENT + phase[0])
+        u, v = xa / (self.a * swell), ya / (self.b * swell)
+        theta = np.arctan2(v, u)
+        edge = 1 + sum(amp[i] * np.cos((i + 2) * theta + phase[i]) for i in range(len(amp)))
+        rho = np.sqrt(u * u + v * v) / edge  # < 1 inside the body
+        kb, pb, ab = self.bias
+        bias = np.exp(sum(ab[i] * np.sin(kb[i, 0] * xg + kb[i, 1] * yg + kb[i, 2] * z + pb[i])
+                          for i in range(2)))
+        size = (self.vol.width, self.vol.height)
+        return [cv2.resize(f.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+                for f in (xa, ya, rho, bias)] + [za]
+
+    def render(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scans uint16 [D, H, W] and masks uint8 [D, H, W, 3] (tfseg.CLASSES order, 0/1)."""
+        vol, t, rng = self.vol, self.tissue, self.rng
+        h, w, d = vol.height, vol.width, vol.slices
+        # A coarse grid placed where cv2.resize samples, so upsampling interpolates it exactly.
+        hc, wc = h // 8 + 2, w // 8 + 2
+        xc = (np.arange(wc) + 0.5) * w / wc - 0.5 - (w - 1) / 2
+        yc = (np.arange(hc) + 0.5) * h / hc - 0.5 - (h - 1) / 2
+        grid = np.meshgrid(xc * vol.spacing, yc * vol.spacing)
+        image = np.empty((d, h, w), np.uint16)
+        mask = np.zeros((d, h, w, 3), np.uint8)
+        for k, z in enumerate(np.linspace(0, Z_EXTENT, d) if d > 1 else [Z_EXTENT / 2]):
+            xa, ya, rho, bias, za = self._smooth_fields(z, grid)
+            fine = cv2.GaussianBlur(_noise(rng, (h, w)), (0, 0), 1.0) * 3.5
+            coarse = cv2.resize(cv2.GaussianBlur(_noise(rng, (h // 4, w // 4)), (0, 0), 1.0) * 4.0, (w, h))
+            texture = 1 + 0.06 * coarse + 0.03 * fine
+
+            # Body: subcutaneous fat and a muscle wall around the abdominal cavity.
+            body, cavity = rho < 1, rho < 1 - (self.fat + self.muscle) / self.a
+            img = np.where(body, t["subcutaneous"] * texture, 0).astype(np.float32)
+            np.copyto(img, t["muscle"] * texture, where=rho < 1 - self.fat / self.a)
+            np.copyto(img, t["fat"] * texture, where=cavity)
+            for value, centre, half, angle, win in self.blobs:
+                inside = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
+                if inside is not None:
+                    np.copyto(img[win], value * texture[win], where=inside & cavity[win])
+
+            # The organs, each confined to the cavity.
+            sb_out, sb_lumen = self._tubes(self.sb_px, [self.sb_r] * len(self.sb_px), z, 3.5)
+            lb_out, lb_lumen = self._tubes([self.colon_px], [self.colon_r], z, 3.0)
+            stomach = np.zeros((h, w), bool)
+            for centre, half, angle, win in self.stomach:
+                inside = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
+                if inside is not None:
+                    stomach[win] |= inside
+            sb_out &= cavity
+            lb_out &= cavity
+            stomach &= cavity
+            np.copyto(img, t["sb_wall"] * texture, where=sb_out)
+            np.copyto(img, t["sb_lumen"] * (texture + 0.12 * coarse + 0.06 * fine), where=sb_out & sb_lumen)
+            np.copyto(img, t["lb_wall"] * texture, where=lb_out)
+            stool = np.where(coarse > 1.0, t["gas"], t["lb_lumen"] * (1 + 0.35 * fine))
+            np.copyto(img, stool, where=lb_out & lb_lumen)
+            if stomach.any():
+                depth = cv2.distanceTransform(stomach.astype(np.uint8), cv2.DIST_L2, 5) * vol.spacing
+                inner = stomach & (depth > self.stomach_wall * (1 + 0.3 * coarse))
+                fluid = t["st_fluid"] * texture
+                content = {"fluid": fluid, "food": t["st_food"] * (1 + 0.3 * fine),
+                           "air": np.where(ya < self.air_level, t["gas"], fluid)}[self.content]
+                np.copyto(img, t["st_wall"] * texture, where=stomach)
+                np.copyto(img, content, where=inner)
+
+            # Acquisition: partial-volume blur, smooth bias field, Rician noise, the case's scale.
+            img = cv2.GaussianBlur(img, (0, 0), 0.7) * bias * self.day_tissue
+            real = img + self.noise * _noise(rng, (h, w))
+            imag = self.noise * _noise(rng, (h, w))
+            signal = np.sqrt(real * real + imag * imag) * vol.scale
+            image[k] = np.clip(np.rint(signal), 0, 65535).astype(np.uint16)
+            mask[k] = np.stack([lb_out, sb_out, stomach], axis=-1)
+        return image, mask
+
+
+def render_volume(vol: Volume, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scans uint16 [D, H, W] and masks uint8 [D, H, W, 3] of one planned volume."""
+    return Phantom(vol, seed).render()
+
+
+def _write_volume(job) -> list[str]:
+    """Worker: render one volume, write its scans (each atomically), return its train.csv rows."""
+    root, vol, seed = job
+    image, mask = render_volume(vol, seed)
+    for stale in vol.scan_path(root, 1).parent.glob(".slice_*.tmp"):  # left by a killed earlier run
+        stale.unlink(missing_ok=True)
+    rows = []
+    for k in range(vol.slices):
+        write_bytes(vol.scan_path(root, k + 1), encode_png(image[k], params=()))
+        sid = f"{vol.case_day}_slice_{k + 1:04d}"
+        rows += [f"{sid},{name},{rle.encode(mask[k, :, :, c])}" for c, name in enumerate(CLASSES)]
+    return rows
+
+
+def _single_thread():
+    cv2.setNumThreads(1)  # processes already fill the cores
+
+
+def make_dataset(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, full: bool = False,
+                 days: int | None = None, num_slices: int | None = None, workers: int | None = None,
+                 progress: bool = True) -> Path:
+    """Write the synthetic dataset to out_dir (train.csv last); return at once if train.csv exists."""
+    out = Path(out_dir)
+    if (out / "train.csv").exists():
+        return out
+    volumes = plan_volumes(cases, seed, full=full, days=days, num_slices=num_slices)
+    jobs = [(out, vol, seed) for vol in volumes]
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+    bar = tqdm(total=sum(v.slices for v in volumes), unit="slice", desc="synth", disable=not progress)
+    rows = [HEADER]
+    # Always in fresh spawned processes, even for one worker: the bytes then never depend on the
+    # caller's state (TensorFlow's threads, library thread pools), only on the seed.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_thread) as pool:
+        for vol, vol_rows in zip(volumes, pool.imap(_write_volume, jobs), strict=True):
+            rows += vol_rows
+            bar.update(vol.slices)
+    bar.close()
+    with atomic_path(out / "train.csv") as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def ensure_dataset(out_dir: str | os.PathLike = layout.SYNTH_DATA_DIR) -> Path:
+    """The default synthetic dataset at out_dir, made first if it is missing."""
+    out = Path(out_dir)
+    if not (out / "train.csv").exists():
+        print(f"making the synthetic dataset in {out} (python -m tfseg.synth)", file=sys.stderr)
+        make_dataset(out)
+    return out
+
+
+def preview(data_dir: str | os.PathLike, path: str | os.PathLike, count: int = 6) -> Path:
+    """Save a grid of slices from different case-days with their mask contours."""
+    data_dir = Path(data_dir)
+    labels: dict[str, dict[str, list[str]]] = {}  # case_day -> slice id -> three RLEs
+    for line in (data_dir / "train.csv").read_text().splitlines()[1:]:
+        sid, _, rle_text = line.split(",")
+        labels.setdefault(sid.rsplit("_slice_", 1)[0], {}).setdefault(sid, []).append(rle_text)
+    # One case-day per case first, then further days, so the tiles show different anatomy.
+    by_case: dict[str, list[str]] = {}
+    for case_day in labels:
+        by_case.setdefault(case_day.split("_")[0], []).append(case_day)
+    order = [days[i] for i in range(MAX_DAYS) for days in by_case.values() if i < len(days)]
+    picks = [order[i % len(order)] for i in range(count)]  # few case-days: several slices each
+    images, titles = [], []
+    for i, case_day in enumerate(picks):
+        wanted = i % len(CLASSES)  # rotate through the classes so each one is shown
+        slices = [sid for sid, rles in labels[case_day].items() if rles[wanted]] or list(labels[case_day])
+        sid = slices[len(slices) // 2]
+        case, _ = case_day.split("_")
+        scan_dir = data_dir / "train" / case / case_day / "scans"
+        scan_path = next(scan_dir.glob(f"slice_{sid.rsplit('_', 1)[1]}_*.png"), None)
+        if scan_path is None:
+            raise DataError(f"{scan_dir}: no scan for {sid}, which {data_dir / 'train.csv'} lists")
+        scan = cv2.imread(str(scan_path), cv2.IMREAD_UNCHANGED)
+        mask = np.stack([rle.decode(r, scan.shape) for r in labels[case_day][sid]], axis=-1)
+        images.append(draw_contours(scan, mask))
+        titles.append(f"{sid}\n{scan.shape[1]}x{scan.shape[0]}, max {scan.max()}")
+    return save_grid(images, titles, path)
+
+
+def count_slices(data_dir: str | os.PathLike) -> int:
+    """Slices listed in a dataset's train.csv (three rows each)."""
+    with open(Path(data_dir) / "train.csv") as f:
+        return (sum(1 for _ in f) - 1) // len(CLASSES)

@@ -1,0 +1,24 @@
+"""The model and loss a config asks for."""
+
+import keras
+
+from tfseg import CLASSES
+from tfseg.config import Config
+from tfseg.model.losses import get_loss
+from tfseg.model.unet import build_unet
+
+
+def build_model(config: Config) -> keras.Model:
+    """The UNet of config.model for config.data's input (under the current dtype policy)."""
+    m = config.model
+    return build_unet((*config.data.image_size, len(config.data.offsets)), len(CLASSES), depth=m.depth,
+                      base_filters=m.base_filters, block=m.block, norm=m.norm, dropout=m.dropout,
+                      upsample=m.upsample, encoder=m.encoder, encoder_weights=m.encoder_weights)
+
+
+def build_loss(config: Config) -> keras.losses.Loss:
+    c = config.loss
+    options = {"bce_dice": {"bce_weight": c.bce_weight, "dice_weight": c.dice_weight, "batch_dice": c.batch_dice},
+               "tversky": {"alpha": c.tversky_alpha, "beta": c.tversky_beta},
+               "focal": {"gamma": c.focal_gamma, "alpha": c.focal_alpha}}[c.name]
+    return get_loss(c.name, **options)

@@ -1,0 +1,68 @@
+"""manifest.json of a records folder: what it holds (folds, organ content, sizes, skipped input), the
+settings it was made with, and the swap that makes a finished folder complete."""
+
+import os
+from pathlib import Path
+
+from tfseg import CLASSES, __version__, files
+from tfseg.layout import MANIFEST, SHARD_PATTERN
+from tfseg.records.shards import STATE, final_name
+
+
+def differences(old: dict, settings: dict) -> list[str]:
+    before = old.get("settings", {})
+    diffs = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" if k != "input_fingerprint"
+             else "the input data (train.csv or scan files) changed"
+             for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    if old.get("tfseg_version") != __version__:
+        diffs.append(f"tfseg version {old.get('tfseg_version')!r} -> {__version__!r}")
+    return diffs
+
+
+def build_manifest(settings: dict, shards: list[dict], infos: list[dict], skipped: list[dict]) -> dict:
+    stored = [i for i in infos if i["stored"]]
+    folds = []
+    for k in range(settings["folds"]):
+        vols = [i for i in stored if i["fold"] == k]
+        cases = sorted({i["case"] for i in vols})
+        folds.append({"fold": k, "cases": len(cases), "volumes": len(vols),
+                      "slices": sum(i["slices"] for i in vols), "case_ids": cases})
+    sizes: dict[str, dict] = {}
+    for i in stored:
+        entry = sizes.setdefault(i["size"], {"volumes": 0, "slices": 0})
+        entry["volumes"] += 1
+        entry["slices"] += i["slices"]
+    return {
+        "tfseg_version": __version__,
+        "settings": settings,
+        "num_volumes": len(stored),
+        "num_slices": sum(i["slices"] for i in stored),
+        "num_cases": len({i["case"] for i in stored}),
+        "folds": folds,
+        "classes": {c: {"slices": sum(i["organ_slices"][j] for i in stored),
+                        "pixels": sum(i["organ_pixels"][j] for i in stored)} for j, c in enumerate(CLASSES)},
+        "image_sizes": sizes,  # "WxH" -> volumes, slices
+        "shards": [{"path": final_name(s, shards), "fold": s["fold"], "volumes": s["volumes"],
+                    "slices": s["slices"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards],
+        "skipped": skipped + [s for i in infos for s in i["skipped"]],
+    }
+
+
+def finish(out: Path, manifest: dict, state: dict) -> None:
+    """Swap in the new shards: the old manifest goes first, so the folder never looks complete half-way."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    final = {s["path"] for s in manifest["shards"]}
+    for path in out.iterdir():
+        if SHARD_PATTERN.fullmatch(path.name) and path.name not in final:
+            path.unlink()
+    for shard, entry in zip(state["shards"], manifest["shards"], strict=True):
+        if not shard.get("renamed"):
+            os.replace(out / shard["temp"], out / entry["path"])
+    files.write_json(out / MANIFEST, manifest)
+    (out / STATE).unlink(missing_ok=True)
+
+
+def up_to_date(out: Path, manifest: dict) -> bool:
+    return all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"]
+               for s in manifest["shards"])
+

@@ -1,0 +1,96 @@
+"""Clients of TensorFlow Serving's REST and gRPC predict APIs for tfseg SavedModels, and mask files."""
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from tfseg import files
+from tfseg.data.context import context_rows
+from tfseg.kaggle.scans import encode_png
+from tfseg.layout import SIGNATURE
+from tfseg.serving.api import GRPC_OPTIONS
+
+
+class ServingError(RuntimeError):
+    """The server could not be reached or rejected the request."""
+
+
+def scan_files(paths: list[str]) -> list[Path]:
+    """PNG files in the order given; a folder stands for its *.png files, sorted by name."""
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.png"))
+            if not found:
+                raise FileNotFoundError(f"{path}: no .png files in this folder")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such scan file or folder")
+    return out
+
+
+def predict_rest(url: str, model_name: str, rows: list[list[bytes]], timeout: float) -> np.ndarray:
+    """POST /v1/models/NAME:predict in the row ("instances") format; returns masks uint8 [N, H, W, 3]."""
+    base = url if url.startswith(("http://", "https://")) else f"http://{url}"
+    body = {"signature_name": SIGNATURE,
+            "instances": [{"slices": [{"b64": base64.b64encode(png).decode()} for png in row]} for row in rows]}
+    request = urllib.request.Request(f"{base.rstrip('/')}/v1/models/{model_name}:predict",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ServingError(f"{base} answered HTTP {err.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ServingError(f"{base}: cannot reach the REST API ({getattr(err, 'reason', err)})") from None
+    return np.asarray([p["masks"] for p in answer["predictions"]], np.uint8)
+
+
+def predict_grpc(url: str, model_name: str, rows: list[list[bytes]], timeout: float) -> np.ndarray:
+    """PredictionService.Predict asking only for the `masks` output; returns masks uint8 [N, H, W, 3]."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE),
+                                         output_filter=["masks"])
+    request.inputs["slices"].CopyFrom(tf.make_tensor_proto(rows, dtype=tf.string))
+    with grpc.insecure_channel(url, options=GRPC_OPTIONS) as channel:
+        try:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise ServingError(f"{url} answered {err.code().name}: {err.details()}") from None
+    return tf.make_ndarray(response.outputs["masks"]).astype(np.uint8)
+
+
+def mask_image(mask: np.ndarray) -> np.ndarray:
+    """0/1 mask [H, W, 3] in CLASSES order -> RGB uint8 with 255 where an organ is."""
+    return np.asarray(mask, np.uint8) * np.uint8(255)
+
+
+def segment(protocol: str, url: str, scans: list[str], offsets, out: str | Path, *, model_name: str = "tfseg",
+            batch_size: int = 0, timeout: float = 300) -> list[tuple[Path, Path, np.ndarray]]:
+    """Send the scans (one volume, slice order) with their contexts; write one mask PNG per scan.
+    Returns (scan, mask file, mask) per scan."""
+    paths = scan_files(scans)
+    rows = context_rows([p.read_bytes() for p in paths], offsets)
+    send = predict_rest if protocol == "rest" else predict_grpc
+    step = batch_size if batch_size > 0 else len(rows)
+    masks = np.concatenate([send(url, model_name, rows[i:i + step], timeout) for i in range(0, len(rows), step)])
+    written = []
+    for path, mask in zip(paths, masks, strict=True):
+        target = Path(out) / f"{path.stem}_mask.png"
+        files.write_bytes(target, encode_png(mask_image(mask)))
+        written.append((path, target, mask))
+    return written

@@ -1,0 +1,117 @@
+"""Predict over a Kaggle-layout folder with an exported SavedModel (`python -m tfseg.predict`): whole
+volumes sent as the PNG files' own bytes with K-slice contexts, cleaned masks, a submission table,
+scores when the folder has labels, and overlay pictures."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from tqdm import tqdm
+
+from tfseg import CLASSES, files, layout
+from tfseg.data.context import context_rows
+from tfseg.draw import draw_contours, pick_slices, save_grid
+from tfseg.errors import DataError
+from tfseg.evaluation.metric import score_volume
+from tfseg.evaluation.postprocess import Postprocess
+from tfseg.evaluation.predictors import load_signature
+from tfseg.kaggle import rle
+from tfseg.kaggle.index import read_index
+from tfseg.kaggle.scans import read_scan
+from tfseg.layout import SIGNATURE, read_info
+from tfseg.serving.api import reason
+
+
+def load_model(path: str | Path):
+    """(serving_default signature, tfseg.json info) of an exported SavedModel."""
+    info = read_info(path)
+    if list(info["classes"]) != list(CLASSES):
+        raise DataError(f"{path}: model classes {info['classes']} differ from tfseg's {list(CLASSES)}")
+    signature = load_signature(path, SIGNATURE)
+    return lambda slices: signature(slices=slices), info
+
+
+def predict_volume(serve, pngs: list[bytes], offsets, batch_size: int = 0, *, post: Postprocess | None = None,
+                   name: str = "volume") -> np.ndarray:
+    """Masks uint8 [D, H, W, 3] for one volume's scans (PNG bytes in slice order), cleaned by `post`."""
+    rows = context_rows(pngs, offsets)
+    step = batch_size if batch_size > 0 else len(rows)
+    masks = []
+    for start in range(0, len(rows), step):
+        try:
+            out = serve(tf.constant(rows[start:start + step], tf.string))
+        except tf.errors.InvalidArgumentError as err:
+            raise DataError(f"{name}: the model rejected the scans: {reason(err.message)}") from None
+        masks.append(out["masks"].numpy())
+    return (post or Postprocess()).clean(np.concatenate(masks))
+
+
+def select(table: pd.DataFrame, case_days=None, folds=None, fold_cases: dict | None = None) -> pd.DataFrame:
+    """Rows of the chosen case-days and/or the cases of the chosen record folds (fold_cases: fold -> case
+    numbers, as tfseg.json keeps them)."""
+    if case_days:
+        unknown = sorted(set(case_days) - set(table["case_day"]))
+        if unknown:
+            raise DataError(f"--case-days: {', '.join(unknown)} not in the data folder")
+        table = table[table["case_day"].isin(case_days)]
+    if folds:
+        if not fold_cases:
+            raise DataError("--folds: the model does not list the cases of its records' folds (tfseg.json "
+                            "fold_cases); export it again with this tfseg, or choose --case-days")
+        unknown = sorted({int(f) for f in folds} - {int(k) for k in fold_cases})
+        if unknown:
+            raise DataError(f"--folds: fold(s) {unknown} not among the model's record folds "
+                            f"{sorted(int(k) for k in fold_cases)}")
+        cases = {int(c) for k, listed in fold_cases.items() if int(k) in set(folds) for c in listed}
+        table = table[table["case"].isin(cases)]
+    if table.empty:
+        raise DataError("no slices left after --case-days / --folds")
+    return table
+
+
+def overlay_grid(path: Path, case_day: str, scan_paths: list[str], pred: np.ndarray, truth=None,
+                 count: int = 6) -> None:
+    """Contours of a few slices showing every predicted organ (solid: truth when known, dashed: predicted)."""
+    chosen = pick_slices(pred, count)
+    images = [draw_contours(read_scan(scan_paths[i]), None if truth is None else truth[i], pred[i])
+              for i in chosen]
+    save_grid(images, [f"{case_day} slice {i + 1}" for i in chosen], path, pred=True)
+
+
+def predict(model: str | Path, data_dir: str | Path, *, split: str | None = None, batch_size: int = 0,
+            case_days=None, folds=None, overlays: str | Path | None = None, progress: bool = True
+            ) -> tuple[pd.DataFrame, list[dict]]:
+    """(submission table, per-volume scores when the folder has labels) for a Kaggle-layout folder."""
+    serve, info = load_model(model)
+    split = split or ("train" if Path(data_dir, "train.csv").exists() else "test")
+    table = select(read_index(data_dir, split), case_days, folds, info.get("fold_cases"))
+    post = Postprocess.from_info(info, layout.info_path(model))
+    rows, scores = [], []
+    bar = tqdm(total=len(table), unit="slice", desc="predict", disable=not progress)
+    for case_day, volume in table.groupby("case_day", sort=False):
+        pngs = [Path(p).read_bytes() for p in volume["path"]]
+        masks = predict_volume(serve, pngs, info["offsets"], batch_size, post=post, name=case_day)
+        shape = (int(volume["height"].iloc[0]), int(volume["width"].iloc[0]))
+        if masks.shape[1:3] != shape:
+            raise DataError(f"{case_day}: scans decode to {masks.shape[2]} x {masks.shape[1]} (W x H) but their "
+                            f"file names say {shape[1]} x {shape[0]}")
+        for slice_id, mask in zip(volume["id"], masks, strict=True):
+            rows += [(slice_id, name, rle.encode(mask[..., c])) for c, name in enumerate(CLASSES)]
+        truth = None
+        if split == "train":
+            truth = np.stack([np.stack([rle.decode(r[c], shape) for c in CLASSES], axis=-1)
+                              for _, r in volume.iterrows()])
+            scores.append({"case_day": case_day} | score_volume(masks, truth))
+        if overlays:
+            overlay_grid(Path(overlays) / f"{case_day}.png", case_day, list(volume["path"]), masks, truth)
+        bar.update(len(volume))
+    bar.close()
+    return pd.DataFrame(rows, columns=["id", "class", "predicted"]), scores
+
+
+
+
+def write_submission(submission: pd.DataFrame, path: str | Path) -> None:
+    with files.atomic_path(path) as tmp:
+        submission.to_csv(tmp, index=False)

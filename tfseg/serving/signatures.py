@@ -1,0 +1,109 @@
+"""The serving graph: the SavedModel's signatures around a float32 Keras model.
+
+- `serving_default`: `slices` string [N, K], each a 16-bit greyscale PNG (K = len(data.offsets) context
+  slices, all of one size) -> `probabilities` float32 [N, H, W, 3] and `masks` uint8 [N, H, W, 3] at the
+  PNGs' resolution. Decoding, normalisation (over the distinct slices of the whole request, as training
+  does over a volume), resizing and the threshold all happen in the graph, with the training code's
+  own functions; bad input fails with an InvalidArgumentError naming the problem.
+- `predict_float`: `scans` float32 [N, h, w, K], already normalised and at the model size ->
+  `probabilities` float32 [N, h, w, 3].
+"""
+
+import keras
+import tensorflow as tf
+
+from tfseg.config import Config
+from tfseg.data.context import centre_index
+from tfseg.data.preprocess import normalize, resize_images, restore_size
+from tfseg.evaluation.postprocess import Postprocess, binarize
+from tfseg.layout import PREDICT_FLOAT, SIGNATURE
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A PNG starts with its 8-byte signature, then the IHDR chunk: length (4), "IHDR" (4), width (4),
+# height (4), bit depth (1, offset 24), colour type (1, offset 25; 0 = greyscale).
+HEADER_BYTES = 26
+
+
+def _check_all(ok, message: str):
+    """Assert a [N, K] boolean table; the error names the first failing (request row, context slot)."""
+    first = tf.where(tf.logical_not(ok))[:1]
+    return tf.debugging.Assert(tf.reduce_all(ok), [message, "first failing [row, slot]:", first])
+
+
+def decode_slices(slices, num_context: int, centre: int):
+    """Check and decode a [N, K] string tensor of 16-bit greyscale PNGs.
+
+    Returns (distinct slices uint16 [U, H, W], index int32 [N, K] into them). Identical bytes decode
+    once: a whole volume's K-slice contexts then decode K times fewer PNGs, and percentiles over the
+    distinct slices are those of the volume, in slice order (the centre column is listed first), as
+    in training.
+    """
+    shape = tf.shape(slices)
+    # Padding makes every string long enough to slice the header from, so short junk fails our checks.
+    head = tf.strings.substr(tf.strings.join([slices, tf.constant(b"\0" * HEADER_BYTES)]), 0, HEADER_BYTES)
+    width_height = tf.io.decode_raw(tf.strings.substr(head, 16, 8), tf.int32, little_endian=False)
+    width_height = tf.reshape(width_height, tf.concat([shape, [2]], 0))
+    checks = [
+        tf.debugging.assert_positive(tf.size(slices), message="the request holds no slices"),
+        tf.debugging.assert_equal(shape[1], num_context, message=(
+            f"each row of `slices` must hold K = {num_context} PNGs, the context slices the model was trained with")),
+    ]
+    with tf.control_dependencies(checks[:2]):
+        checks += [
+            _check_all(tf.equal(tf.strings.substr(head, 0, 8), PNG_MAGIC), "a slice is not a PNG file"),
+            _check_all(tf.equal(tf.strings.substr(head, 24, 1), b"\x10"),
+                       "a slice is not a 16-bit PNG (scans are 16-bit greyscale; 8-bit would lose intensities)"),
+            _check_all(tf.equal(tf.strings.substr(head, 25, 1), b"\x00"),
+                       "a slice is not a greyscale PNG (PNG colour type must be 0)"),
+            _check_all(tf.reduce_all(tf.equal(width_height, width_height[:1, :1]), axis=-1),
+                       "the slices of one request must all have the same width and height"),
+        ]
+    with tf.control_dependencies(checks):
+        order = tf.concat([slices[:, centre:centre + 1], slices], axis=1)  # centre column first
+        distinct, index = tf.unique(tf.reshape(order, [-1]))
+    index = tf.reshape(index, [shape[0], num_context + 1])[:, 1:]
+    images = tf.map_fn(lambda png: tf.io.decode_png(png, channels=1, dtype=tf.uint16)[..., 0], distinct,
+                       fn_output_signature=tf.TensorSpec([None, None], tf.uint16))
+    return tf.ensure_shape(images, [None, None, None]), index
+
+
+def _run_chunked(model: keras.Model, scans, chunk: int):
+    """model(scans) `chunk` slices at a time: a whole-volume request needs no more memory than a batch."""
+    count = (tf.shape(scans)[0] + chunk - 1) // chunk
+    outputs = tf.TensorArray(tf.float32, size=count, infer_shape=False)
+
+    def step(i, outputs):
+        part = scans[i * chunk:(i + 1) * chunk]
+        return i + 1, outputs.write(i, tf.cast(model(part, training=False), tf.float32))
+
+    _, outputs = tf.while_loop(lambda i, _: i < count, step, (tf.constant(0), outputs), parallel_iterations=1)
+    return tf.ensure_shape(outputs.concat(), [None, *model.output_shape[1:]])
+
+
+def serving_functions(model: keras.Model, config: Config, chunk: int = 16):
+    """Signature name -> (function, input signature) of the SavedModel."""
+    d = config.data
+    height, width = d.image_size
+    num_context = len(d.offsets)
+    centre = centre_index(d.offsets)
+    threshold = Postprocess.from_config(config.train).threshold
+
+    def predict_png(slices):
+        images, index = decode_slices(slices, num_context, centre)
+        orig_hw = tf.unstack(tf.shape(images)[1:3])
+        scans = normalize(images, d.clip_percentiles)
+        scans = resize_images(scans[..., None], (height, width), d)[..., 0]
+        scans = tf.ensure_shape(tf.transpose(tf.gather(scans, index), [0, 2, 3, 1]),
+                                [None, height, width, num_context])
+        probabilities = restore_size(_run_chunked(model, scans, chunk), orig_hw, d)
+        return {"probabilities": probabilities, "masks": binarize(probabilities, threshold)}
+
+    def predict_float(scans):
+        return {"probabilities": _run_chunked(model, scans, chunk)}
+
+    signatures = {
+        SIGNATURE: (predict_png, [tf.TensorSpec([None, None], tf.string, name="slices")]),
+        PREDICT_FLOAT: (predict_float, [tf.TensorSpec([None, height, width, num_context], tf.float32,
+                                                        name="scans")]),
+    }
+    return signatures

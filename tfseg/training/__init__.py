@@ -1,0 +1,1 @@
+"""Stage 5, training: strategies, optimizer, steps, the loop, the run folder, TensorBoard, curves."""

@@ -1,0 +1,109 @@
+"""The training loop every strategy runs: epochs of distributed steps, validation, logs, checkpoints,
+resume. Only the chief writes the run folder; the other workers checkpoint into their own write_dir."""
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+from tqdm import tqdm
+
+from tfseg import CLASSES
+from tfseg.config import Config
+from tfseg.layout import RunFolder
+from tfseg.training.curves import plot_history
+from tfseg.training.run_folder import read_history, save_keras, write_history
+from tfseg.training.steps import Steps
+from tfseg.training.tensorboard import Profiler, log_epoch
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class Log:
+    """Where messages go: the summary lines (chief only) and tqdm bars."""
+
+    chief: bool
+    bars: bool = True
+
+    def __call__(self, message: str) -> None:
+        if self.chief:
+            tqdm.write(message)
+
+
+
+def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss, config: Config,
+        train_data, val_data, image_data, steps_per_epoch: int, run_dir: Path, write_dir: Path,
+        chief: bool, resume: bool, log: Log) -> list[dict]:
+    """Train config.train.epochs epochs (continuing from the run folder's last checkpoint if resume);
+    return the history rows. Every worker must call this; only the chief writes run_dir."""
+    t, run = config.train, RunFolder(run_dir)
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(checkpoint, str(RunFolder(write_dir).checkpoints), max_to_keep=2)
+    latest = tf.train.latest_checkpoint(str(run.checkpoints)) if resume else None
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        log(f"resumed from {latest}: {int(epoch_var.numpy())} of {t.epochs} epochs done")
+    start = int(epoch_var.numpy())
+    history = read_history(run_dir, start) if latest else []
+    best = max((row["val_dice"] for row in history), default=-math.inf)
+    if chief:
+        write_history(run_dir, history)
+
+    steps = Steps(strategy, model, optimizer, loss, config.data.batch_size, config)
+    iterator = iter(train_data)
+    writers = {name: tf.summary.create_file_writer(str(run.logs / name)) for name in ("train", "validation")} \
+        if chief else {}
+    profiler = Profiler(t.profile_batches if chief else None, run.logs / "train")
+    step = start * steps_per_epoch
+    for epoch in range(start + 1, t.epochs + 1):
+        began = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step", leave=False,
+                   disable=not (chief and log.bars), dynamic_ncols=True)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            step += 1
+            profiler.before(step)
+            value = float(steps.train_step(iterator))
+            profiler.after(step)
+            if not math.isfinite(value):
+                bar.close()
+                raise TrainingStopped(
+                    f"loss is {value} at epoch {epoch}, step {i + 1}: training stopped (kept the checkpoint of "
+                    f"epoch {epoch - 1}); lower train.learning_rate or train.clip_norm, or check the data")
+            total += value
+            bar.update()
+            bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
+        bar.close()
+        row = {"epoch": epoch, "loss": total / steps_per_epoch, **steps.evaluate(val_data),
+               "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
+               "seconds": time.perf_counter() - began}
+        history.append(row)
+        improved = row["val_dice"] > best
+        best = max(best, row["val_dice"])
+        if chief:
+            log_epoch(writers, row, epoch, model, image_data, config, t.epochs)
+            # history first, then the checkpoint: a kill in between redoes this epoch, never skips it
+            write_history(run_dir, history)
+            if improved:
+                save_keras(run.best_weights, model.save_weights)
+        epoch_var.assign(epoch)
+        manager.save(checkpoint_number=epoch)
+        dice = ", ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in CLASSES)
+        log(f"epoch {epoch}/{t.epochs}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}, "
+            f"val_dice {row['val_dice']:.4f} ({dice}), lr {row['lr']:.2e}, {row['seconds']:.1f} s"
+            + (" [best]" if improved else ""))
+    profiler.stop()  # the run may have ended inside the profiled range
+    if chief:
+        save_keras(run.final_model, model.save)
+        if history:
+            plot_history(history, run.curves)
+        for writer in writers.values():
+            writer.close()
+    return history
+

@@ -1,0 +1,89 @@
+"""A run folder as training writes and later stages read it: config, history, Keras files, the model.
+
+File names come from tfseg.layout.RunFolder. A run resumes only with the config it was started with
+(where and how fast it runs may change; what it computes may not).
+"""
+
+import csv
+import io
+import os
+import shutil
+from pathlib import Path
+
+import keras
+
+from tfseg import files
+from tfseg.config import Config, load_config, save_config, to_dict
+from tfseg.errors import ConfigError, DataError
+from tfseg.layout import RunFolder
+from tfseg.model.float32 import float32_model
+
+# Keys a resumed run may change: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = {"train.strategy", "train.cpu_replicas", "train.tpu", "train.jit_compile",
+                     "train.profile_batches", "train.image_log_every"}
+
+
+def read_history(run_dir: str | os.PathLike, last_epoch: int) -> list[dict]:
+    """history.csv rows of epochs 1..last_epoch (a killed run may have logged one more)."""
+    path = RunFolder(run_dir).history
+    if not path.exists():
+        return []
+    rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(path.read_text()))]
+    return [row for row in rows if 1 <= row["epoch"] <= last_epoch]
+
+
+def write_history(run_dir: str | os.PathLike, rows: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["epoch"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: int(v) if k == "epoch" else f"{v:.6g}" for k, v in row.items()})
+    files.write_text(RunFolder(run_dir).history, out.getvalue())
+
+
+def save_keras(path: Path, save) -> None:
+    """Atomically write a Keras file (weights or model) with `save(path)`: Keras needs the real suffix."""
+    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
+    with files.atomic_path(path, suffix=suffix) as tmp:
+        save(str(tmp))
+
+
+def _flat(config: Config) -> dict:
+    return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()}
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, config: Config, *, fresh: bool, chief: bool) -> bool:
+    """Check the run folder against `config` and write config.yaml; return whether to resume.
+
+    A folder made with another config refuses to resume (ConfigError) unless fresh, which clears it.
+    """
+    run = RunFolder(run_dir)
+    resume = run.config.exists() and not fresh
+    if resume:
+        old, new = _flat(load_config(run.config)), _flat(config)
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                   if old.get(k) != v and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(f"{run_dir}: cannot resume, the run was started with another config ("
+                              + "; ".join(changed) + "); pass --fresh to start over, or use another --run-dir")
+    if chief:
+        if fresh:
+            for path in run.training_outputs:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        save_config(config, run.config)
+    return resume
+
+
+def load_run_model(run_dir: str | os.PathLike) -> tuple[Config, keras.Model, Path]:
+    """(config, float32 Keras model, weights file used) of a run folder: the architecture of its
+    model.keras with the best validation weights (best.weights.h5) when the run wrote them."""
+    run = RunFolder(run_dir)
+    config = load_config(run.config)
+    source = run.final_model
+    if not source.exists():
+        raise DataError(f"{source}: missing; not a finished tfseg run folder (train it, or resume it)")
+    model = float32_model(keras.models.load_model(source, compile=False))
+    if run.best_weights.exists():
+        source = run.best_weights
+        model.load_weights(source)
+    return config, model, source

@@ -1,0 +1,83 @@
+"""The compiled train and validation steps that every strategy runs.
+
+Keras' model.fit breaks under MultiWorkerMirroredStrategy with 2+ workers (keras-team/keras#20585),
+so training is one tf.distribute loop for all strategies: a tf.function step run with strategy.run,
+per-example losses averaged over the GLOBAL batch (tf.nn.compute_average_loss), gradients summed over
+replicas once, clipped by their global norm, then applied.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfseg import CLASSES
+from tfseg.config import Config
+from tfseg.model.losses import per_example_loss
+from tfseg.model.metrics import DiceMetric, IoUMetric
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class Steps:
+    """The compiled train and validation steps of one model under one strategy."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss,
+                 global_batch: int, config: Config):
+        self.strategy, self.model, self.optimizer, self.loss = strategy, model, optimizer, loss
+        self.global_batch, self.train_config = global_batch, config.train
+        # XLA compiles the forward and backward pass of one replica; the cross-replica sum and the
+        # update stay outside it, so jit_compile works under every strategy.
+        self._gradients = tf.function(self._gradients_fn, jit_compile=True) if config.train.jit_compile \
+            else self._gradients_fn
+        self.train_step = tf.function(self._train_step)
+        self.eval_step = tf.function(self._eval_step)
+
+    def _gradients_fn(self, x, y):
+        with tf.GradientTape() as tape:
+            pred = self.model(x, training=True)
+            per_example = per_example_loss(self.loss, y, pred)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+            if self.model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+            scaled = self.optimizer.scale_loss(loss)  # the loss scale under mixed_float16, else loss
+        return loss, tape.gradient(scaled, self.model.trainable_variables)
+
+    def _replica_train(self, x, y):
+        loss, grads = self._gradients(x, y)
+        context = tf.distribute.get_replica_context()
+        # Sum once here so that clipping (and the loss-scale finite check) sees the full-batch
+        # gradient on every replica; Keras' optimizer sums again, hence the division.
+        grads = context.all_reduce(SUM, grads)
+        if self.train_config.clip_norm > 0:
+            scale = getattr(self.optimizer, "dynamic_scale", 1.0)  # clip the unscaled norm
+            grads, _ = tf.clip_by_global_norm(grads, self.train_config.clip_norm * scale)
+        replicas = context.num_replicas_in_sync
+        self.optimizer.apply([g / replicas for g in grads], self.model.trainable_variables)
+        return loss
+
+    def _train_step(self, iterator):
+        x, y = next(iterator)
+        return self.strategy.reduce(SUM, self.strategy.run(self._replica_train, args=(x, y)), axis=None)
+
+    def _replica_eval(self, x, y):
+        """[loss sum, examples, intersection (K), predicted (K), true (K)]: one vector, one all-reduce."""
+        pred = self.model(x, training=False)
+        y = tf.cast(y, tf.float32)
+        per_example = per_example_loss(self.loss, y, pred)
+        true = tf.cast(y > 0.5, tf.float32)
+        hard = tf.cast(pred > self.train_config.threshold, tf.float32)
+        sums = [tf.reduce_sum(v, axis=[0, 1, 2]) for v in (true * hard, hard, true)]
+        return tf.concat([[tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32)], *sums], 0)
+
+    def _eval_step(self, x, y):
+        return self.strategy.reduce(SUM, self.strategy.run(self._replica_eval, args=(x, y)), axis=None)
+
+    def evaluate(self, dataset) -> dict:
+        """Validation loss and Dice / IoU of all pixels of the (distributed) validation set at once."""
+        totals = sum(self.eval_step(x, y).numpy().astype(np.float64) for x, y in dataset)
+        loss, count, (inter, pred, true) = totals[0], totals[1], totals[2:].reshape(3, -1)
+        dice = np.asarray(DiceMetric.score(inter, pred, true))
+        iou = np.asarray(IoUMetric.score(inter, pred, true))
+        return {"val_loss": loss / max(count, 1.0), "val_dice": float(dice.mean()), "val_iou": float(iou.mean()),
+                **{f"val_dice_{c}": float(d) for c, d in zip(CLASSES, dice, strict=True)}}
+

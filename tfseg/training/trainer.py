@@ -1,0 +1,91 @@
+"""Training as a library call: pick the strategy and precision, build the data, model and optimizer
+under the strategy's scope, and run the loop. `python -m tfseg.train` is its command line."""
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from tfseg.config import Config
+from tfseg.data.pipeline import count_slices, eval_dataset, train_dataset
+from tfseg.errors import ConfigError
+from tfseg.layout import read_manifest
+from tfseg.model.build import build_loss, build_model
+from tfseg.training import strategy as strategy_lib
+from tfseg.training.loop import Log, fit
+from tfseg.training.optimizer import make_optimizer
+from tfseg.training.run_folder import prepare_run_dir
+from tfseg.training.tensorboard import parse_profile, validation_images
+
+
+@dataclasses.dataclass
+class Result:
+    model: keras.Model
+    history: list[dict]
+    config: Config  # with the strategy and precision actually used
+    chief: bool
+
+
+def train_folds(config: Config) -> list[int]:
+    folds = int(read_manifest(config.data.records)["settings"]["folds"])
+    val = set(config.data.val_folds)
+    if not val <= set(range(folds)):
+        raise ConfigError(f"data.val_folds: {sorted(val - set(range(folds)))} not in the records' folds "
+                          f"0..{folds - 1} ({config.data.records})")
+    rest = [f for f in range(folds) if f not in val]
+    if not rest:
+        raise ConfigError(f"data.val_folds: {sorted(val)} leaves no fold of {config.data.records} to train on")
+    return rest
+
+
+def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress: bool = True) -> Result:
+    """Train under the strategy and precision of config.train; see the module docstring."""
+    run_dir, t = Path(run_dir), config.train
+    parse_profile(t.profile_batches)  # a bad value fails now, not mid-run
+    strategy = strategy_lib.make_strategy(t.strategy, t.tpu, t.cpu_replicas)
+    kind = strategy_lib.device_kind(strategy)
+    resolved = copy.deepcopy(config)
+    resolved.train.strategy = strategy_lib.resolve_name(t.strategy, t.tpu, t.cpu_replicas)
+    resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind)
+    chief = strategy_lib.is_chief(strategy)
+    log = Log(chief, progress)
+    folds = train_folds(config)
+    batch = config.data.batch_size
+    if batch % strategy.num_replicas_in_sync:
+        raise ConfigError(f"data.batch_size: {batch} is not divisible by the {strategy.num_replicas_in_sync} replicas")
+    resume = prepare_run_dir(run_dir, resolved, fresh=fresh, chief=chief)
+    steps_per_epoch = t.steps_per_epoch or max(1, count_slices(config.data.records, folds,
+                                                                    config.data.keep_empty) // batch)
+    log(f"strategy {resolved.train.strategy} ({strategy.num_replicas_in_sync} replicas on {kind}), precision "
+        f"{precision}{', XLA' if t.jit_compile else ''}; train folds {folds}, validation folds "
+        f"{list(config.data.val_folds)}; {steps_per_epoch} steps of {batch} per epoch; run folder {run_dir}")
+
+    def val_pairs(context: tf.distribute.InputContext | None = None):
+        per_replica = context.get_per_replica_batch_size(batch) if context else batch
+        ds = eval_dataset(config, config.data.val_folds, per_replica).map(lambda d: (d["image"], d["mask"]))
+        return ds.shard(context.num_input_pipelines, context.input_pipeline_id) if context else ds
+
+    write_dir = strategy_lib.write_dir(run_dir, strategy)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)  # global by Keras' design; restored below
+    try:
+        keras.utils.set_random_seed(config.data.seed)
+        with strategy.scope():
+            model = build_model(config)
+            optimizer = make_optimizer(t, steps_per_epoch, precision)
+            optimizer.build(model.trainable_variables)
+            loss = build_loss(config)
+        train_data = strategy.distribute_datasets_from_function(
+            lambda context: train_dataset(config, folds, input_context=context, global_batch_size=batch))
+        val_data = strategy.distribute_datasets_from_function(val_pairs)
+        images = validation_images(val_pairs()) if chief and t.image_log_every else (None, None)
+        history = fit(strategy=strategy, model=model, optimizer=optimizer, loss=loss, config=config,
+                      train_data=train_data, val_data=val_data, image_data=images,
+                      steps_per_epoch=steps_per_epoch, run_dir=run_dir, write_dir=write_dir, chief=chief,
+                      resume=resume, log=log)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        strategy_lib.remove_write_dir(write_dir, run_dir)
+    return Result(model, history, resolved, chief)
