@@ -31,6 +31,8 @@ demo: $(STAMP)
 	$(PY) -m tfseg.export --run $(DEMO_RUN) --out $(DEMO_MODEL) --overwrite
 	$(PY) -m tfseg.predict --model $(DEMO_MODEL) --data-dir $(DEMO_DATA) --folds 0 \
 		--out $(DEMO_RUN)/submission.csv --overlays $(DEMO_RUN)/overlays
+	$(PY) -m tfseg.score --submission $(DEMO_RUN)/submission.csv --labels $(DEMO_DATA)/train.csv \
+		--data-dir $(DEMO_DATA) --only-submitted-volumes --json $(DEMO_RUN)/submission_score.json
 	$(PY) -m tfseg.summary --run $(DEMO_RUN) --model $(DEMO_MODEL) \
 		--submission $(DEMO_RUN)/submission.csv --overlays $(DEMO_RUN)/overlays
 

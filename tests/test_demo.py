@@ -26,5 +26,10 @@ def test_make_demo_runs_every_step(tmp_path):
     submission = pd.read_csv(run / "submission.csv")
     assert list(submission.columns) == ["id", "class", "predicted"] and len(submission) % 3 == 0
     assert any((run / "overlays").glob("*.png"))
+    # tfseg.score on the submission (SavedModel, PNG signature) against evaluate (Keras model, records):
+    # two inference paths whose float sums may flip a pixel at the threshold, so close, not equal
+    scored = json.loads((run / "submission_score.json").read_text())
+    assert scored["volumes"] == summary["num_volumes"]
+    assert scored["score"] == pytest.approx(summary["score"], abs=0.01)
     assert "held-out score" in done.stdout and "tensorboard --logdir" in done.stdout
     assert "curves.png" in done.stdout and "(missing)" not in done.stdout  # the summary lists every output

@@ -52,11 +52,11 @@ def test_empty_prediction_scores_empty_score(run_dir, records_dir):  # noqa: F81
     assert summary["score"] == pytest.approx(summary["empty_score"], abs=1e-12)
     for c in CLASSES:
         assert summary[f"score_{c}"] == pytest.approx(summary[f"empty_score_{c}"], abs=1e-12)
-    # and empty_score is what the metric gives an all-empty volume, computed independently
+    # and empty_score is what the leaderboard metric gives all-empty volumes, computed independently
     volumes = [v for v, _ in zip(reader.read_volumes(records_dir, [0]), range(2), strict=False)]
-    expected = [metric.score_volume(np.zeros_like(v["mask"]), v["mask"])["score"] for v in volumes]
-    assert [r["empty_score"] for r in rows] == pytest.approx(expected)
-    assert summary["empty_score"] == pytest.approx(np.mean(expected))
+    empty = [metric.leaderboard_volume(np.zeros_like(v["mask"]), v["mask"]) for v in volumes]
+    assert [r["empty_score"] for r in rows] == pytest.approx([e["score"] for e in empty])
+    assert summary["empty_score"] == pytest.approx(metric.leaderboard_summary(empty)["score"])
 
 
 ARGS = ["--no-progress", "--min-component", "20", "--limit", "2"]
@@ -81,13 +81,16 @@ def test_cli_writes_report_and_prints_table(keras_report, records_dir):
     for key in ("score", "dice", "hausdorff", "empty_score", *(f"score_{c}" for c in CLASSES)):
         assert key in summary and key in table.columns
         assert 0.0 <= summary[key] <= 1.0
-    assert summary["score"] == pytest.approx(table["score"].mean())
+    # the leaderboard averages rows and case-days over the fold; the per-organ 3D metric volumes
+    assert summary["score"] == pytest.approx(0.4 * summary["dice"] + 0.6 * (1 - summary["hausdorff"]))
+    assert summary["hausdorff"] == pytest.approx(table["hausdorff"].mean())
+    assert summary["organ3d_score"] == pytest.approx(table["organ3d_score"].mean())
     assert summary["threshold"] == 0.5 and summary["min_component"] == 20 and summary["folds"] == [0]
     assert summary["model"].endswith("model.keras")
     # the (untrained) model predicts organs, so it is not scored as the all-empty prediction
     assert summary["score"] != pytest.approx(summary["empty_score"])
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for word in (*CLASSES, "all", "dice", "hausdorff", "score", "empty"):
+    for word in (*CLASSES, "all", "dice", "hausdorff", "score", "empty", "leaderboard", "organ 3D"):
         assert word in printed
     assert f"{summary['score']:.4f}" in printed and f"{summary['empty_score']:.4f}" in printed
 

@@ -22,7 +22,8 @@ TENSORFLOW_FREE = sorted(BOTTOM) + [
     "tfseg.kaggle.rle", "tfseg.kaggle.scans", "tfseg.kaggle.index", "tfseg.kaggle.folds", "tfseg.kaggle.synth",
     "tfseg.records.features", "tfseg.records.plan", "tfseg.records.volumes", "tfseg.records.shards",
     "tfseg.records.manifest", "tfseg.records.writer", "tfseg.records.reader", "tfseg.records.inspect",
-    "tfseg.data.context", "tfseg.evaluation.metric", "tfseg.evaluation.postprocess",
+    "tfseg.data.context", "tfseg.evaluation.metric", "tfseg.evaluation.postprocess", "tfseg.evaluation.submission",
+    "tfseg.evaluation.report", "tfseg.score",
     "tfseg.make_records", "tfseg.inspect_records", "tfseg.synth", "tfseg.summary",
 ]
 

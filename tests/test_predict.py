@@ -14,6 +14,7 @@ from tfseg.draw import pick_slices
 from tfseg.errors import DataError
 from tfseg.evaluation import predictors
 from tfseg.evaluation.postprocess import Postprocess
+from tfseg.evaluation.submission import score_submission
 from tfseg.kaggle import index, rle
 from tfseg.records import reader
 from tfseg.serving import predict as predict_lib
@@ -48,6 +49,11 @@ def test_submission_format_and_overlays(saved_model, synth_dir, tmp_path, capsys
     assert organ_pixels > 0
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(f"{c}.png" for c in chosen)
     assert f"{len(rows)} slices of 2 volume(s)" in printed and "score" in printed  # train split: labels known
+    # tfseg.score on the written submission gives the score predict printed for the same masks
+    scored, _ = score_submission(out, synth_dir / "train.csv", synth_dir, only_submitted_volumes=True)
+    assert f"score {scored['score']:.4f} (leaderboard metric" in printed
+    _, scores = predict_lib.predict(saved_model, synth_dir, case_days=chosen, progress=False)
+    assert scores.summary() == scored
 
 
 def test_test_layout_without_labels(saved_model, synth_dir, tmp_path, capsys):  # noqa: F811

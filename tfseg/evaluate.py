@@ -3,15 +3,17 @@
 `python -m tfseg.evaluate --run runs/NAME` predicts every volume of the validation folds, takes the
 probabilities back to each scan's original size, thresholds them (train.threshold), drops small
 components (train.min_component pixels per slice, then 3D pieces under train.min_component_fraction of
-each organ's largest), scores every case-day (0.4 x 3D Dice + 0.6 x (1 - 3D Hausdorff)) and writes
-eval/per_volume.csv, eval/summary.json and eval/scores.png. The score of an all-empty prediction is
-reported beside it: it is what a model that finds nothing would get.
+each organ's largest), scores them with the leaderboard's metric (0.4 x mean 2D Dice per slice and
+class + 0.6 x (1 - mean 3D Hausdorff per case-day in the unit cube); tfseg's per-organ 3D metric
+beside it as organ3d) and writes eval/per_volume.csv, eval/summary.json and eval/scores.png. The
+score of an all-empty prediction is reported beside it: what a model that finds nothing would get.
 """
 
 import argparse
 import sys
 
 from tfseg import cli
+from tfseg.evaluation.metric import EMPTY_DICE, HAUSDORFF_MODES
 from tfseg.evaluation.report import format_table, report_files
 from tfseg.evaluation.scoring import evaluate_run
 
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-component-fraction", type=float,
                         help="drop predicted 3D components smaller than this fraction of the organ's largest "
                              "(default: the run's train.min_component_fraction)")
+    parser.add_argument("--empty-dice", choices=tuple(EMPTY_DICE), default="skip",
+                        help="leaderboard Dice of rows empty in both: skip (the host's ruling, default), zero or one")
+    parser.add_argument("--hausdorff", choices=HAUSDORFF_MODES, default="joined",
+                        help="leaderboard Hausdorff of the class-joined volume (default) or per class")
     parser.add_argument("--limit", type=int, help="score only the first LIMIT volumes (a quick look)")
     parser.add_argument("--out", help="report folder (default: RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -39,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     summary, out = evaluate_run(args.run, folds=args.folds, model=args.model, out=args.out,
                                 batch_size=args.batch_size, threshold=args.threshold,
                                 min_component=args.min_component, min_fraction=args.min_component_fraction,
-                                limit=args.limit, progress=not args.no_progress)
+                                limit=args.limit, empty_dice=args.empty_dice, hausdorff=args.hausdorff,
+                                progress=not args.no_progress)
     print(f"\n{summary['model']}, fold(s) {', '.join(map(str, summary['folds']))}:")
     print(format_table(summary))
     print(f"wrote {', '.join(map(str, report_files(out)))}")

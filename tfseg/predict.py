@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from tfseg import CLASSES, cli
-from tfseg.evaluation.metric import summarize
 from tfseg.serving.predict import predict, write_submission
 
 
@@ -45,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     write_submission(submission, args.out)
     volumes = submission["id"].str.rsplit("_slice_", n=1).str[0].nunique()
     print(f"wrote {args.out}: {len(submission) // len(CLASSES)} slices of {volumes} volume(s)")
-    if scores:
-        summary = summarize(scores)
-        print(f"score {summary['score']:.4f} (dice {summary['dice']:.4f}, hausdorff {summary['hausdorff']:.4f}) "
-              f"against the folder's labels")
+    if scores is not None:
+        summary = scores.summary()
+        print(f"score {summary['score']:.4f} (leaderboard metric: dice {summary['dice']:.4f}, hausdorff "
+              f"{summary['hausdorff']:.4f}; per-organ 3D {summary['organ3d_score']:.4f}) against the folder's labels")
     if args.overlays:
         print(f"overlays in {args.overlays}")
     return 0

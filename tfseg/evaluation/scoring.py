@@ -7,10 +7,8 @@ the score of an all-empty prediction is reported beside it: what a model that fi
 
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from tfseg import CLASSES
 from tfseg.config import Config, load_config
 from tfseg.errors import ConfigError, DataError
 from tfseg.evaluation import metric
@@ -32,13 +30,13 @@ def count_volumes(records_dir, folds) -> int | None:
 
 def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16, threshold: float | None = None,
              min_component: int | None = None, min_fraction: float | None = None, limit: int | None = None,
-             progress: bool = True) -> tuple[list[dict], dict]:
+             empty_dice: str = "skip", hausdorff: str = "joined", progress: bool = True) -> tuple[list[dict], dict]:
     """Score every volume of `folds` (the first `limit` only, if given): (per-volume rows, summary with
-    num_volumes and empty_score)."""
+    num_volumes, the leaderboard score, the organ3d_* metric and empty_score; see metric.Scores)."""
     post = Postprocess.from_config(config.train, threshold=threshold, min_component=min_component,
                                    min_component_fraction=min_fraction)
     truths = read_volumes(config.data.records, folds)  # the same records, in the same order
-    rows, empty_rows = [], []
+    scores, rows = metric.Scores(empty_dice=empty_dice, hausdorff=hausdorff), []
     total = count_volumes(config.data.records, folds)
     if limit is not None:
         total = limit if total is None else min(total, limit)
@@ -49,29 +47,24 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
             raise DataError(f"{config.data.records}: evaluation stream and records disagree "
                             f"({case_day} vs {truth['case_day']})")
         pred = post.masks(probabilities)
-        empty = metric.score_volume(np.zeros_like(truth["mask"]), truth["mask"])
-        rows.append({"case_day": case_day, "depth": pred.shape[0], "height": pred.shape[1], "width": pred.shape[2]}
-                    | metric.score_volume(pred, truth["mask"]) | {"empty_score": empty["score"]})
-        empty_rows.append(empty)
+        rows.append(scores.add(case_day, pred, truth["mask"])
+                    | {"depth": pred.shape[0], "height": pred.shape[1], "width": pred.shape[2]})
         bar.update()
-        bar.set_postfix(score=f"{np.mean([r['score'] for r in rows]):.4f}")
+        bar.set_postfix(score=f"{scores.summary()['score']:.4f}")
         if limit is not None and len(rows) >= limit:
             break
     bar.close()
     if not rows:
         raise DataError(f"{config.data.records}: no volumes in fold(s) {list(folds)}")
-    summary = metric.summarize(rows)
-    empty = metric.summarize(empty_rows)
-    summary = {"num_volumes": summary.pop("volumes"), **summary, "empty_score": empty["score"],
-               **{f"empty_score_{c}": empty[f"score_{c}"] for c in CLASSES},
-               **post.to_info(), "folds": [int(f) for f in folds]}
+    summary = scores.summary()
+    summary = {"num_volumes": summary.pop("volumes"), **summary, **post.to_info(), "folds": [int(f) for f in folds]}
     return rows, summary
 
 
 def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = None, out: str | Path | None = None,
                  batch_size: int = 16, threshold: float | None = None, min_component: int | None = None,
-                 min_fraction: float | None = None, limit: int | None = None, progress: bool = True
-                 ) -> tuple[dict, Path]:
+                 min_fraction: float | None = None, limit: int | None = None, empty_dice: str = "skip",
+                 hausdorff: str = "joined", progress: bool = True) -> tuple[dict, Path]:
     """Evaluate a run folder's best model, or its export `model` (the predict_float signature), on `folds`
     (default: the run's validation folds); write the report to `out` (default RUN/eval); return
     (summary, report folder)."""
@@ -88,7 +81,8 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
         config, keras_model, source = load_run_model(run_dir)
         predict = keras_predictor(keras_model)
     rows, summary = evaluate(config, folds, predict, batch_size=batch_size, threshold=threshold,
-                             min_component=min_component, min_fraction=min_fraction, limit=limit, progress=progress)
+                             min_component=min_component, min_fraction=min_fraction, limit=limit,
+                             empty_dice=empty_dice, hausdorff=hausdorff, progress=progress)
     summary["model"] = str(source)
     out = Path(out) if out else RunFolder(run_dir).eval_dir
     write_report(out, rows, summary)

@@ -160,3 +160,22 @@ def scan_dataset(data_dir: str | os.PathLike, split: str | None = None, *,
 def read_index(data_dir: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
     """The per-slice table of a Kaggle-layout folder; any bad input raises DataError."""
     return scan_dataset(data_dir, split, on_error="fail")[0]
+
+
+def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """A train.csv-style file (id,class,segmentation) as one row per slice id with an RLE column per
+    class; any bad row raises DataError naming its line."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: labels file does not exist")
+    return _read_labels(csv_path, _Problems("fail"))[0]
+
+
+def scan_sizes(data_dir: str | os.PathLike) -> pd.DataFrame:
+    """id, case_day, slice, height, width of every scan under data_dir/train (or data_dir/test), from
+    the scan file names alone."""
+    data_dir = Path(data_dir)
+    root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir / "test"
+    if not root.is_dir():
+        raise DataError(f"{data_dir}: no train/ or test/ scan folder (expected train/caseC/caseC_dayD/scans/*.png)")
+    return _list_scans(root, _Problems("fail"))[["id", "case_day", "slice", "height", "width"]]

@@ -13,7 +13,7 @@ from tfseg import CLASSES, files, layout
 from tfseg.data.context import context_rows
 from tfseg.draw import draw_contours, pick_slices, save_grid
 from tfseg.errors import DataError
-from tfseg.evaluation.metric import score_volume
+from tfseg.evaluation.metric import Scores
 from tfseg.evaluation.postprocess import Postprocess
 from tfseg.evaluation.predictors import load_signature
 from tfseg.kaggle import rle
@@ -81,13 +81,14 @@ def overlay_grid(path: Path, case_day: str, scan_paths: list[str], pred: np.ndar
 
 def predict(model: str | Path, data_dir: str | Path, *, split: str | None = None, batch_size: int = 0,
             case_days=None, folds=None, overlays: str | Path | None = None, progress: bool = True
-            ) -> tuple[pd.DataFrame, list[dict]]:
-    """(submission table, per-volume scores when the folder has labels) for a Kaggle-layout folder."""
+            ) -> tuple[pd.DataFrame, Scores | None]:
+    """(submission table, the Scores of the volumes when the folder has labels, else None) for a
+    Kaggle-layout folder."""
     serve, info = load_model(model)
     split = split or ("train" if Path(data_dir, "train.csv").exists() else "test")
     table = select(read_index(data_dir, split), case_days, folds, info.get("fold_cases"))
     post = Postprocess.from_info(info, layout.info_path(model))
-    rows, scores = [], []
+    rows, scores = [], Scores() if split == "train" else None
     bar = tqdm(total=len(table), unit="slice", desc="predict", disable=not progress)
     for case_day, volume in table.groupby("case_day", sort=False):
         pngs = [Path(p).read_bytes() for p in volume["path"]]
@@ -102,7 +103,7 @@ def predict(model: str | Path, data_dir: str | Path, *, split: str | None = None
         if split == "train":
             truth = np.stack([np.stack([rle.decode(r[c], shape) for c in CLASSES], axis=-1)
                               for _, r in volume.iterrows()])
-            scores.append({"case_day": case_day} | score_volume(masks, truth))
+            scores.add(case_day, masks, truth)
         if overlays:
             overlay_grid(Path(overlays) / f"{case_day}.png", case_day, list(volume["path"]), masks, truth)
         bar.update(len(volume))
