@@ -105,3 +105,22 @@ def test_flags_override_the_config_file():
     assert (t.jit_compile, t.tpu, t.profile_batches) == (True, "local", "3,5")
     assert config.model.base_filters == 4
 
+
+
+@pytest.mark.parametrize(("val", "holdout", "expected"), [
+    ([0], [], [1]),
+    ([1], [], [0]),
+    ([0], [1], "leave no fold"),
+    ([0], [0], "also validate"),
+    ([0], [5], "holdout_folds: \\[5\\] not in the records' folds"),
+])
+def test_holdout_folds_neither_train_nor_validate(records_dir, val, holdout, expected):
+    from tfseg.training.trainer import train_folds
+
+    config = load_config(None, [f"data.records={records_dir}", f"data.val_folds={val}",
+                                f"data.holdout_folds={holdout}"])
+    if isinstance(expected, list):
+        assert train_folds(config) == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            train_folds(config)

@@ -19,7 +19,8 @@ from tfseg.errors import ConfigError
 @dataclass
 class DataConfig:
     records: str = "records/synth"  # make_records output folder
-    val_folds: tuple[int, ...] = (0,)  # the rest of the folds train
+    val_folds: tuple[int, ...] = (0,)  # the rest of the folds train, except holdout_folds
+    holdout_folds: tuple[int, ...] = ()  # neither trained nor validated on: a test set for ensembles
     image_size: tuple[int, int] = (320, 320)  # (height, width) fed to the model
     offsets: tuple[int, ...] = (-2, 0, 2)  # 2.5D context: channel i is slice s + offsets[i]
     resize: str = "resize"  # resize | pad_crop

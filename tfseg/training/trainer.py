@@ -29,14 +29,18 @@ class Result:
 
 
 def train_folds(config: Config) -> list[int]:
+    """The records' folds that train: all but data.val_folds and data.holdout_folds."""
     folds = int(read_manifest(config.data.records)["settings"]["folds"])
-    val = set(config.data.val_folds)
-    if not val <= set(range(folds)):
-        raise ConfigError(f"data.val_folds: {sorted(val - set(range(folds)))} not in the records' folds "
-                          f"0..{folds - 1} ({config.data.records})")
-    rest = [f for f in range(folds) if f not in val]
+    val, holdout = set(config.data.val_folds), set(config.data.holdout_folds)
+    for key, chosen in (("val_folds", val), ("holdout_folds", holdout)):
+        if not chosen <= set(range(folds)):
+            raise ConfigError(f"data.{key}: {sorted(chosen - set(range(folds)))} not in the records' folds "
+                              f"0..{folds - 1} ({config.data.records})")
+    if val & holdout:
+        raise ConfigError(f"data.holdout_folds: {sorted(val & holdout)} also validate (data.val_folds)")
+    rest = [f for f in range(folds) if f not in val | holdout]
     if not rest:
-        raise ConfigError(f"data.val_folds: {sorted(val)} leaves no fold of {config.data.records} to train on")
+        raise ConfigError(f"data.val_folds and data.holdout_folds leave no fold of {config.data.records} to train on")
     return rest
 
 
