@@ -26,7 +26,7 @@ from tests.test_export import saved_model, volume_pngs  # noqa: F401  (session-w
 from tfseg import client
 from tfseg.data.context import context_rows
 from tfseg.kaggle import index
-from tfseg.serving.client import scan_files
+from tfseg.serving.client import png_mask, scan_files
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"gRPC (\S+), REST http://(\S+) ")
@@ -137,3 +137,90 @@ def test_rejections_are_reported(server, protocol, tmp_path, capsys):
     assert client.main([protocol, "--url", server[protocol], "--model-name", "other", str(eight_bit)]) == 1
     assert ("NOT_FOUND" if protocol == "grpc" else "HTTP 404") in capsys.readouterr().err
     assert not list(tmp_path.glob("*_mask.png"))
+
+
+@pytest.mark.slow
+def test_masks_png_signature_gives_the_masks_of_serving_default(server, saved_model, synth_dir):  # noqa: F811
+    """Slice by slice the same masks, as PNGs; over REST a fraction of serving_default's JSON."""
+    _, pngs = volume_pngs(synth_dir)
+    rows = context_rows(pngs, (-2, 0, 2))
+    signatures = tf.saved_model.load(str(saved_model)).signatures
+    masks = signatures["serving_default"](slices=tf.constant(rows))["masks"].numpy()
+    encoded = signatures["masks_png"](slices=tf.constant(rows))["masks_png"].numpy()
+    assert len(encoded) == len(rows)
+    for png, mask in zip(encoded, masks, strict=True):
+        np.testing.assert_array_equal(png_mask(png), mask)
+    base = f"http://{server['rest']}/v1/models/tfseg:predict"
+    instances = [{"slices": [{"b64": base64.b64encode(p).decode()} for p in row]} for row in rows]
+    sizes = {}
+    for name in ("masks_png", "serving_default"):
+        body = json.dumps({"signature_name": name, "instances": instances}).encode()
+        request = urllib.request.Request(base, data=body)
+        with urllib.request.urlopen(request, timeout=300) as response:
+            sizes[name] = len(response.read())
+    assert sizes["masks_png"] * 10 < sizes["serving_default"]
+
+
+def saved_model_cli_signatures(export_dir: Path) -> dict:
+    """{signature: {"inputs"|"outputs": {key: (dtype, shape)}}} as `saved_model_cli show --all` prints them."""
+    cli_path = Path(sys.executable).parent / "saved_model_cli"
+    done = subprocess.run([str(cli_path), "show", "--dir", str(export_dir), "--all"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out, signature, side = {}, None, None
+    for line in done.stdout.splitlines():
+        if m := re.match(r"signature_def\['(\w+)'\]:", line):
+            signature = m.group(1)
+            out[signature] = {"inputs": {}, "outputs": {}}
+        elif m := re.match(r"\s+(inputs|outputs)\['(\w+)'\] tensor_info:", line):
+            side, key = m.groups()
+        elif signature and side and (m := re.match(r"\s+dtype: (\w+)", line)):
+            out[signature][side][key] = [m.group(1)]
+        elif signature and side and (m := re.match(r"\s+shape: (?:\(([^)]*)\)|unknown_rank)", line)):
+            dims = (m.group(1) or "").replace(" ", "").split(",")
+            out[signature][side][key].append(tuple(int(d) for d in dims if d))
+    return out
+
+
+def metadata_signatures(signature_defs: dict) -> dict:
+    """The same table from a metadata answer's signature_def map (TF Serving's JSON field names)."""
+    out = {}
+    for name, sig in signature_defs.items():
+        out[name] = {side: {key: [info.get("dtype", "DT_INVALID"),
+                                  tuple(int(d["size"]) for d in info.get("tensor_shape", {}).get("dim", []))]
+                            for key, info in sig.get(side, {}).items()} for side in ("inputs", "outputs")}
+    return out
+
+
+@pytest.mark.slow
+def test_metadata_over_rest_and_grpc_matches_saved_model_cli(server, saved_model):  # noqa: F811
+    import grpc
+    from google.protobuf import json_format
+    from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, prediction_service_pb2_grpc
+
+    expected = saved_model_cli_signatures(saved_model)
+    assert {"serving_default", "masks_png", "predict_float"} <= set(expected)
+    for path in ("", "/versions/1"):
+        with urllib.request.urlopen(f"http://{server['rest']}/v1/models/tfseg{path}/metadata", timeout=60) as response:
+            answer = json.load(response)
+        assert answer["model_spec"] == {"name": "tfseg", "signature_name": "", "version": "1"}
+        signature_defs = answer["metadata"]["signature_def"]["signature_def"]
+        assert metadata_signatures(signature_defs) == expected
+        assert signature_defs["serving_default"]["method_name"] == "tensorflow/serving/predict"
+    request = get_model_metadata_pb2.GetModelMetadataRequest(model_spec=model_pb2.ModelSpec(name="tfseg"),
+                                                             metadata_field=["signature_def"])
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=60)
+        bad = get_model_metadata_pb2.GetModelMetadataRequest(model_spec=model_pb2.ModelSpec(name="tfseg"),
+                                                             metadata_field=["labels"])
+        with pytest.raises(grpc.RpcError) as err:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(bad, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert response.model_spec.version.value == 1
+    defs = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(defs)
+    as_json = json_format.MessageToDict(defs, preserving_proto_field_name=True)["signature_def"]
+    assert metadata_signatures(as_json) == expected
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://{server['rest']}/v1/models/other/metadata", timeout=60)
+    assert missing.value.code == 404

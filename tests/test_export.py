@@ -5,6 +5,7 @@ below are idempotent) and shared with test_evaluate, test_predict and test_clien
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from tfseg import CLASSES, cli, export, files, layout
 from tfseg.config import load_config, save_config
 from tfseg.data import context, preprocess
 from tfseg.errors import DataError
-from tfseg.evaluation.postprocess import binarize
+from tfseg.evaluation.postprocess import Postprocess, slice_masks
 from tfseg.kaggle import index
 from tfseg.model.float32 import float32_model
 from tfseg.model.unet import build_unet
@@ -160,7 +161,7 @@ def test_png_signature_preprocesses_as_training(run_dir, loaded, synth_dir):
     out = loaded.signatures["serving_default"](slices=tf.constant(context.context_rows(pngs, config.data.offsets)))
     assert out["probabilities"].shape == (len(pngs), *volume.shape[1:], 3)
     assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5, rtol=0)
-    assert (out["masks"].numpy() == binarize(out["probabilities"], 0.5).numpy()).all()
+    assert (out["masks"].numpy() == slice_masks(Postprocess(), out["probabilities"].numpy())).all()
 
 
 GOOD = png(np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7)
@@ -233,3 +234,22 @@ def test_mixed_precision_model_is_exported_in_float32():
         assert (a == b).all()
     x = np.random.default_rng(0).random((2, 32, 32, K), dtype=np.float32)
     assert_allclose(clean(x, training=False).numpy(), mixed(x, training=False).numpy(), atol=2e-2)
+
+
+def test_operator_kit_beside_the_export(saved_model):
+    """models.config parses as TF Serving's ModelServerConfig; the batching file sets known fields."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    extra = saved_model / "assets.extra"
+    config = text_format.Parse((extra / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert model.name == saved_model.parent.name and model.model_platform == "tensorflow"
+    assert list(model.model_version_policy.specific.versions) == [1]
+    # BatchingParameters is not in tensorflow-serving-api: check its lines against the proto's fields
+    fields = {"max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"}
+    lines = [line for line in (extra / "batching_parameters.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    values = dict(re.fullmatch(r"(\w+) \{ value: (\d+) \}", line).groups() for line in lines if "{" in line)
+    assert set(values) == fields and all(int(v) > 0 for v in values.values())
+    assert "pad_variable_length_inputs: false" in lines

@@ -74,8 +74,10 @@ def test_test_layout_without_labels(saved_model, synth_dir, tmp_path, capsys):  
 def test_masks_match_evaluate(run_dir, served, synth_dir):  # noqa: F811
     """Same model, same volume: predict (SavedModel PNG signature, file bytes) == evaluate (Keras, records)."""
     config, model, _ = load_run_model(run_dir)
-    case_day, probabilities = next(predictors.predict_volumes(config, [0], predictors.keras_predictor(model)))
-    expected = Postprocess(config.train.threshold, 20, 0.3).masks(probabilities)
+    case_day, probabilities, presence = next(predictors.predict_volumes(config, [0], predictors.keras_predictor(model)))
+    assert presence is None  # no presence head
+    expected = Postprocess(threshold=config.train.threshold, min_component=20,
+                           min_component_fraction=0.3).masks(probabilities)
     serve, info = served
     _, pngs = volume_pngs(synth_dir, case_day)
     got = predict_lib.predict_volume(serve, pngs, info["offsets"],

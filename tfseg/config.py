@@ -60,6 +60,7 @@ class ModelConfig:
     upsample: str = "transpose"  # transpose | resize
     encoder: str | None = None  # null | efficientnetv2b0 | resnet50
     encoder_weights: str | None = None  # null | imagenet (needs a download)
+    presence_head: bool = False  # a per-class "organ on this slice" output, for empty-slice gating
 
 
 @dataclass
@@ -68,6 +69,7 @@ class LossConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     batch_dice: bool = False  # bce_dice: Dice over the whole batch, not per slice (see losses.BceDiceLoss)
+    presence_weight: float = 0.2  # with model.presence_head: weight of its BCE in the loss
     tversky_alpha: float = 0.3
     tversky_beta: float = 0.7
     focal_gamma: float = 2.0
@@ -94,6 +96,9 @@ class TrainConfig:
     profile_batches: str | None = None  # e.g. "10,20": capture a TensorBoard profile
     min_component: int = 0  # evaluate: drop predicted components smaller than this (pixels per slice)
     min_component_fraction: float = 0.0  # evaluate, predict: drop 3D components under this x the largest
+    presence_threshold: float = 0.5  # with model.presence_head: zero a class on slices below this presence
+    min_pixels: int = 0  # pixel rule (0: off): zero a class on a slice unless more than this many pixels ...
+    min_pixel_probability: float = 0.5  # ... have at least this probability
 
 
 @dataclass
@@ -111,8 +116,9 @@ CHOICES = {
     "model.block": ("plain", "residual"),
     "model.norm": ("batch", "group", "none"),
     "model.upsample": ("transpose", "resize"),
-    "model.encoder": (None, "efficientnetv2b0", "resnet50"),
-    "model.encoder_weights": (None, "imagenet"),
+    "model.encoder": (None, "efficientnetv2b0", "efficientnetv2s", "efficientnetv2m", "efficientnetv2l",
+                      "efficientnetb4", "efficientnetb5", "efficientnetb6", "efficientnetb7", "resnet50",
+                      "convnext_tiny", "convnext_small", "convnext_base"),
     "loss.name": ("bce_dice", "tversky", "focal"),
     "train.optimizer": ("adamw", "adam"),
     "train.strategy": ("auto", "default", "one_device", "mirrored", "multiworker", "tpu"),
@@ -196,11 +202,17 @@ def validate(config: Config) -> Config:
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
         (config.model.depth >= 1 and config.model.base_filters >= 1, "model.depth", "depth and filters >= 1"),
         (0 <= config.model.dropout < 1, "model.dropout", "must be in [0, 1)"),
+        (config.model.encoder_weights in (None, "imagenet") or config.model.encoder_weights.endswith(".h5"),
+         "model.encoder_weights", "must be null, imagenet or the path of a .h5 / .weights.h5 file"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1 or null"),
         (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
         (0 < t.threshold < 1, "train.threshold", "must be in (0, 1)"),
         (0 <= t.min_component_fraction <= 1, "train.min_component_fraction", "must be in [0, 1]"),
+        (0 <= t.presence_threshold < 1, "train.presence_threshold", "must be in [0, 1)"),
+        (t.min_pixels >= 0, "train.min_pixels", "must be >= 0"),
+        (0 <= t.min_pixel_probability < 1, "train.min_pixel_probability", "must be in [0, 1)"),
+        (config.loss.presence_weight >= 0, "loss.presence_weight", "must be >= 0"),
         (t.cpu_replicas >= 0, "train.cpu_replicas", "must be >= 0"),
     ]
     for ok, key, message in checks:

@@ -34,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-component-fraction", type=float,
                         help="drop predicted 3D components smaller than this fraction of the organ's largest "
                              "(default: the run's train.min_component_fraction)")
+    parser.add_argument("--presence-threshold", type=float,
+                        help="with a presence head: zero a class on slices whose presence is below this "
+                             "(default: the run's train.presence_threshold)")
+    parser.add_argument("--min-pixels", type=int,
+                        help="pixel rule: zero a class on a slice unless more than this many pixels reach "
+                             "--min-pixel-probability; 0 is off (default: the run's train.min_pixels)")
+    parser.add_argument("--min-pixel-probability", type=float,
+                        help="the pixel rule's probability (default: the run's train.min_pixel_probability)")
+    parser.add_argument("--tta", default="", metavar="MODES",
+                        help="flip test-time augmentation of the run's model: hflip, vflip or hflip,vflip "
+                             "(an exported --model keeps its own)")
     parser.add_argument("--empty-dice", choices=tuple(EMPTY_DICE), default="skip",
                         help="leaderboard Dice of rows empty in both: skip (the host's ruling, default), zero or one")
     parser.add_argument("--hausdorff", choices=HAUSDORFF_MODES, default="joined",
@@ -42,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="report folder (default: RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    summary, out = evaluate_run(args.run, folds=args.folds, model=args.model, out=args.out,
-                                batch_size=args.batch_size, threshold=args.threshold,
-                                min_component=args.min_component, min_fraction=args.min_component_fraction,
-                                limit=args.limit, empty_dice=args.empty_dice, hausdorff=args.hausdorff,
-                                progress=not args.no_progress)
+    overrides = {"threshold": args.threshold, "min_component": args.min_component,
+                 "min_component_fraction": args.min_component_fraction, "presence_threshold": args.presence_threshold,
+                 "min_pixels": args.min_pixels, "min_pixel_probability": args.min_pixel_probability}
+    summary, out = evaluate_run(args.run, folds=args.folds, model=args.model, out=args.out, batch_size=args.batch_size,
+                                post_overrides=overrides, tta=args.tta, limit=args.limit, empty_dice=args.empty_dice,
+                                hausdorff=args.hausdorff, progress=not args.no_progress)
     print(f"\n{summary['model']}, fold(s) {', '.join(map(str, summary['folds']))}:")
     print(format_table(summary))
     print(f"wrote {', '.join(map(str, report_files(out)))}")

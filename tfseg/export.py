@@ -1,7 +1,9 @@
 """Export a trained run as a SavedModel that TensorFlow Serving loads as it is.
 
 `python -m tfseg.export --run runs/NAME --out saved_models/NAME/1` writes `saved_model.pb` +
-`variables/` with two signatures, plus `assets.extra/` (a warm-up request and tfseg.json):
+`variables/` with two signatures, plus `assets.extra/` (a warm-up request and tfseg.json).
+`--run A --run B` (or `--cv runs/NAME`) exports an ensemble that averages the runs' probabilities,
+`--tta hflip` adds flip test-time augmentation; the signatures stay the same:
 
 - `serving_default`: `slices` string [N, K], each a 16-bit greyscale PNG (K = len(data.offsets) context
   slices, all of one size) -> `probabilities` float32 [N, H, W, 3] and `masks` uint8 [N, H, W, 3] at the
@@ -22,7 +24,14 @@ from tfseg.serving.savedmodel import export
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tfseg.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run folder written by tfseg.train (config.yaml + model)")
+    parser.add_argument("--run", action="append", default=[],
+                        help="run folder written by tfseg.train (config.yaml + model); repeat it to export an "
+                             "ensemble that averages the runs' probabilities")
+    parser.add_argument("--cv", metavar="DIR", help="export the ensemble of every fold run of a cross-validation "
+                                                    "folder written by tfseg.cv (DIR/fold*/)")
+    parser.add_argument("--tta", default="", metavar="MODES",
+                        help="test-time augmentation in the serving graph: hflip, vflip or hflip,vflip (average of "
+                             "the flipped inputs' probabilities, flipped back); default none")
     parser.add_argument("--out", help=f"version folder to write, e.g. {layout.SAVED_MODELS_DIR}/NAME/1 "
                                       f"(default: {layout.SAVED_MODELS_DIR}/<run name>/<next version>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the version folder if it exists")
@@ -30,11 +39,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="slices the model processes at once inside the graph; bounds memory for "
                              "whole-volume requests (default: 16)")
     args = parser.parse_args(argv)
-    run = Path(args.run)
-    out = Path(args.out) if args.out else Path(layout.SAVED_MODELS_DIR) / run.resolve().name
+    runs = [Path(r) for r in args.run]
+    if args.cv:
+        runs += layout.fold_runs(args.cv)
+    if not runs:
+        parser.error("give --run RUN (repeatable) or --cv DIR")
+    name = Path(args.cv).resolve().name if args.cv else runs[0].resolve().name
+    out = Path(args.out) if args.out else Path(layout.SAVED_MODELS_DIR) / name
     if not args.out:
         out = out / str(layout.next_version(out))
-    export(run, out, overwrite=args.overwrite, chunk=args.chunk)
+    export(runs, out, overwrite=args.overwrite, chunk=args.chunk, tta=args.tta)
     return 0
 
 

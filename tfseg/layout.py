@@ -69,6 +69,22 @@ class RunFolder:
         return (self.config, self.history, self.checkpoints, self.logs, self.best_weights, self.final_model)
 
 
+def fold_runs(cv_dir: str | os.PathLike) -> list[Path]:
+    """The fold run folders of a cross-validation folder (tfseg.cv): CV/fold0, CV/fold1, ..., by fold."""
+    runs = sorted((p for p in Path(cv_dir).glob("fold*") if p.name[4:].isdigit() and p.is_dir()),
+                  key=lambda p: int(p.name[4:]))
+    if not runs:
+        raise DataError(f"{cv_dir}: no fold run folders (fold0, fold1, ...); run python -m tfseg.cv first")
+    return runs
+
+
+def fold_run(cv_dir: str | os.PathLike, fold: int) -> Path:
+    return Path(cv_dir) / f"fold{fold}"
+
+
+CV_SUMMARY = "cv.json"  # in a cross-validation folder
+CV_TABLE = "cv.txt"
+
 # evaluate's report, in RUN/eval or another folder
 EVAL_SUMMARY = "summary.json"
 EVAL_PER_VOLUME = "per_volume.csv"
@@ -79,6 +95,7 @@ EVAL_SCORES_PLOT = "scores.png"
 
 SIGNATURE = "serving_default"  # slices string [N, K] 16-bit PNGs -> probabilities, masks
 PREDICT_FLOAT = "predict_float"  # scans float32 [N, h, w, K] -> probabilities
+MASKS_PNG = "masks_png"  # slices as serving_default -> masks_png: one RGB PNG per slice (REST clients)
 ASSETS_EXTRA = "assets.extra"  # TF Serving reads the warm-up file here; tfseg keeps its metadata beside it
 WARMUP_FILE = "tf_serving_warmup_requests"
 INFO_FILE = "tfseg.json"

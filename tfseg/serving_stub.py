@@ -1,4 +1,4 @@
-"""A stand-in for TensorFlow Serving: gRPC PredictionService.Predict and the REST predict API.
+"""A stand-in for TensorFlow Serving: gRPC Predict and GetModelMetadata, the REST predict and metadata APIs.
 
 The real `tensorflow_model_server` cannot be installed here (it is neither on PyPI nor in Debian), so
 tests and demos start this instead. It serves the newest numbered version under --model_base_path
@@ -7,9 +7,11 @@ the way TF Serving does, by calling the SavedModel's signatures, with TF Serving
     python -m tfseg.serving_stub --model_name tfseg --model_base_path saved_models/NAME \\
         --port 8500 --rest_api_port 8501
 
-It covers what tfseg.client uses: gRPC Predict (with output_filter), REST POST
-/v1/models/NAME[/versions/V]:predict ("instances" or "inputs" JSON, {"b64": ...} for bytes) and
-GET /v1/models/NAME (status). It is not a production server (no batching, no model reloading).
+It covers what tfseg.client and operators' tools use: gRPC Predict (with output_filter) and
+GetModelMetadata (signature_def), REST POST /v1/models/NAME[/versions/V]:predict ("instances" or
+"inputs" JSON, {"b64": ...} for bytes), GET /v1/models/NAME[/versions/V]/metadata (the signatures, in
+TF Serving's JSON shape) and GET /v1/models/NAME (status). It is not a production server: no request
+batching, no model reloading or version policies, no Classify/Regress, one model.
 Port 0 picks a free port; the chosen ports are printed on the "serving" line.
 """
 

@@ -1,11 +1,14 @@
-"""Serving speed on this CPU: latency at batch 1 and throughput at batch 32 for the SavedModel's PNG
-signature (decode, normalise, resize, model, resize back, threshold: all in the graph), its float
-signature (model only) and the Keras model (predict_on_batch), on synthetic 16-bit scans.
+"""Serving speed on this CPU: latency and throughput of requests of 1, 8 and 32 slices and of a whole
+144-slice volume for the SavedModel's PNG signature (decode, normalise, resize, model, resize back,
+threshold: all in the graph) and its float signature (model only), the Keras model (predict_on_batch)
+beside them, and the size of a whole volume's REST answer from the masks_png signature.
 
 With --run the run's model is measured; otherwise the model of --config (configs/cpu.yaml) with
 random weights, which is as fast as a trained one.
 """
 
+import base64
+import json
 import statistics
 import tempfile
 import time
@@ -18,11 +21,12 @@ from tfseg.config import load_config
 from tfseg.data.context import context_rows
 from tfseg.kaggle import synth
 from tfseg.kaggle.scans import encode_png
-from tfseg.layout import PREDICT_FLOAT, SIGNATURE
+from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
 from tfseg.serving.savedmodel import write_saved_model
 from tfseg.training.run_folder import load_run_model
 
-BATCH = 32
+SIZES = (1, 8, 32)  # slices per request
+VOLUME = 144  # slices of a whole-volume request (most real volumes)
 
 
 def add_arguments(parser) -> None:
@@ -46,8 +50,8 @@ def _seconds(fn, repeats: int) -> float:
 
 
 def _scans(offsets) -> tuple[list[list[bytes]], tuple[int, int]]:
-    """K-slice contexts of a 32-slice synthetic volume as the PNG bytes a client sends, and its (H, W)."""
-    volume = synth.plan_volumes(cases=1, seed=0, days=1, num_slices=BATCH)[0]
+    """K-slice contexts of a synthetic volume as the PNG bytes a client sends, and its (H, W)."""
+    volume = synth.plan_volumes(cases=1, seed=0, days=1, num_slices=VOLUME)[0]
     image, _ = synth.render_volume(volume, seed=0)
     pngs = [encode_png(s) for s in image]
     return context_rows(pngs, offsets), image.shape[1:]
@@ -70,11 +74,13 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_saved_model(model, config, Path(tmp) / "1", verbose=False)
         loaded = tf.saved_model.load(str(path))
-    png = loaded.signatures[SIGNATURE]
-    floats = loaded.signatures[PREDICT_FLOAT]
+    png, floats = loaded.signatures[SIGNATURE], loaded.signatures[PREDICT_FLOAT]
+    masks_png = loaded.signatures[MASKS_PNG]
     rng = np.random.default_rng(0)
-    scans = {n: rng.random((n, height, width, len(config.data.offsets)), dtype=np.float32) for n in (1, BATCH)}
-    requests = {1: tf.constant(rows[BATCH // 2:BATCH // 2 + 1]), BATCH: tf.constant(rows)}
+    sizes = (*SIZES, VOLUME)
+    scans = {n: rng.random((n, height, width, len(config.data.offsets)), dtype=np.float32) for n in sizes}
+    middle = VOLUME // 2
+    requests = {n: tf.constant(rows[middle:middle + n]) for n in SIZES} | {VOLUME: tf.constant(rows)}
     calls = {
         "png": lambda n: png(slices=requests[n])["masks"].numpy(),
         "float": lambda n: floats(scans=tf.constant(scans[n]))["probabilities"].numpy(),
@@ -82,6 +88,18 @@ def run(args) -> dict:
     }
     figures = {}
     for name, call in calls.items():
-        figures[f"{name}_latency_ms_b1"] = 1000 * _seconds(lambda call=call: call(1), args.repeats)
-        figures[f"{name}_img_per_s_b{BATCH}"] = BATCH / _seconds(lambda call=call: call(BATCH), args.repeats)
+        for n in sizes:
+            label = "volume" if n == VOLUME else f"b{n}"
+            repeats = args.repeats if n < VOLUME else max(2, args.repeats // 4)
+            seconds = _seconds(lambda call=call, n=n: call(n), repeats)
+            figures[f"{name}_latency_ms_{label}"] = 1000 * seconds
+            figures[f"{name}_slices_per_s_{label}"] = n / seconds
+    figures["png_over_float_latency_b1"] = figures["png_latency_ms_b1"] / figures["float_latency_ms_b1"]
+    figures["png_over_float_latency_volume"] = figures["png_latency_ms_volume"] / figures["float_latency_ms_volume"]
+    answer = masks_png(slices=requests[VOLUME])["masks_png"].numpy()
+    rest = json.dumps({"predictions": [{"b64": base64.b64encode(b).decode()} for b in answer]})
+    figures["rest_masks_png_volume_kb"] = len(rest) / 1000
+    one = png(slices=requests[1])
+    figures["rest_serving_default_slice_kb"] = len(json.dumps({"predictions": [
+        {key: value[0].tolist() for key, value in one.items()}]})) / 1000
     return figures

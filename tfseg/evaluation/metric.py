@@ -272,15 +272,15 @@ class Scores:
         self.board, self.organ, self.empty = [], [], []
 
     def add(self, case_day: str, pred, true) -> dict:
-        """Score one case-day's masks [D, H, W, 3]; returns its row for per-volume reports."""
+        """Score one case-day's masks [D, H, W, 3]; returns its row for per-volume reports (with the
+        leaderboard's parts, so that rows of several reports combine: combine_rows)."""
         board = leaderboard_volume(pred, true, empty_dice=self.empty_dice)
         organ = score_volume(pred, true)
         empty = leaderboard_volume(np.zeros_like(true), true, empty_dice=self.empty_dice)
         self.board.append(board)
         self.organ.append(organ)
         self.empty.append(empty)
-        keys = [m for m in METRICS] + [f"{m}_{c}" for m in METRICS for c in CLASSES]
-        return ({"case_day": case_day} | {k: board[k] for k in keys} | {ORGAN3D + k: organ[k] for k in keys}
+        return ({"case_day": case_day} | board | {ORGAN3D + k: v for k, v in organ.items()}
                 | {"empty_score": empty["score"]})
 
     def summary(self) -> dict:
@@ -293,3 +293,11 @@ class Scores:
         return (board | {ORGAN3D + k: v for k, v in organ.items() if k != "volumes"}
                 | {"empty_score": empty["score"], **{f"empty_score_{c}": empty[f"score_{c}"] for c in CLASSES}}
                 | {"dice_empty_rows": self.empty_dice, "hausdorff_classes": self.hausdorff})
+
+
+def combine_rows(rows: list[dict], *, hausdorff: str = "joined") -> dict:
+    """The leaderboard and organ3d_* summary of per-volume rows (Scores.add results, e.g. read back from
+    several folds' per_volume.csv): what the competitors compared out of fold."""
+    board = leaderboard_summary(rows, hausdorff=hausdorff)
+    organ = summarize([{k.removeprefix(ORGAN3D): v for k, v in r.items() if k.startswith(ORGAN3D)} for r in rows])
+    return board | {ORGAN3D + k: v for k, v in organ.items() if k != "volumes"}

@@ -17,9 +17,17 @@ from tfseg.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Postprocess:
-    """The post-processing settings of a model (train.* keys of its config; tfseg.json of an export)."""
+    """The post-processing settings of a model (train.* keys of its config; tfseg.json of an export).
+
+    Per slice and class: the threshold, then gating (zero the class on the slice when the presence
+    head says it is absent, or when no more than min_pixels pixels reach min_pixel_probability); per
+    volume: dropping small components per slice, then small 3D components.
+    """
 
     threshold: float = 0.5
+    presence_threshold: float = 0.5  # used when the model has a presence head
+    min_pixels: int = 0  # pixel rule, 0: off
+    min_pixel_probability: float = 0.5
     min_component: int = 0  # pixels per slice
     min_component_fraction: float = 0.0  # of the organ's largest 3D component
 
@@ -39,23 +47,37 @@ class Postprocess:
     def to_info(self) -> dict:
         return dataclasses.asdict(self)
 
-    def masks(self, probabilities) -> np.ndarray:
-        """One volume's probabilities [D, H, W, C] at the original size -> cleaned uint8 0/1 masks."""
-        return self.clean(binarize(probabilities, self.threshold))
+    def masks(self, probabilities, presence=None) -> np.ndarray:
+        """One volume's probabilities [D, H, W, C] at the original size (and presence [D, C] from a
+        presence head) -> gated, cleaned uint8 0/1 masks."""
+        return self.clean(slice_masks(self, np.asarray(probabilities), presence))
 
     def clean(self, masks) -> np.ndarray:
         """Thresholded masks [D, H, W, C] of one volume without their stray pieces."""
         return clean(masks, self.min_component, self.min_component_fraction)
 
 
-def binarize(probabilities, threshold: float):
-    """Probabilities -> uint8 0/1 masks: numpy in, numpy out; a TensorFlow tensor in, a tensor out
-    (the serving graph's `masks`)."""
-    if isinstance(probabilities, np.ndarray | float | list):
-        return (np.asarray(probabilities) > threshold).astype(np.uint8)
+def slice_masks(post: Postprocess, probabilities, presence=None):
+    """Threshold and gating of probabilities [N, H, W, C] (presence [N, C] or None) -> uint8 0/1 masks:
+    numpy in, numpy out; TensorFlow tensors in, a tensor out (the serving graph's `masks`)."""
+    if isinstance(probabilities, np.ndarray):
+        masks = (probabilities > post.threshold).astype(np.uint8)
+        keep = np.ones((masks.shape[0], masks.shape[-1]), bool)
+        if presence is not None:
+            keep &= np.asarray(presence) >= post.presence_threshold
+        if post.min_pixels > 0:
+            keep &= np.count_nonzero(probabilities > post.min_pixel_probability, axis=(1, 2)) > post.min_pixels
+        return masks * keep[:, None, None, :].astype(np.uint8)
     import tensorflow as tf
 
-    return tf.cast(probabilities > threshold, tf.uint8)
+    masks = tf.cast(probabilities > post.threshold, tf.uint8)
+    keep = tf.ones_like(masks[:, 0, 0, :], tf.bool)
+    if presence is not None:
+        keep &= presence >= post.presence_threshold
+    if post.min_pixels > 0:
+        pixels = tf.reduce_sum(tf.cast(probabilities > post.min_pixel_probability, tf.int32), axis=[1, 2])
+        keep &= pixels > post.min_pixels
+    return masks * tf.cast(keep, tf.uint8)[:, None, None, :]
 
 
 def remove_small(masks: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -12,13 +12,21 @@ from tfseg.data.pipeline import eval_dataset
 from tfseg.data.preprocess import restore_size
 from tfseg.errors import DataError
 from tfseg.layout import PREDICT_FLOAT
+from tfseg.model.inference import averaged
 
-Predictor = Callable[[tf.Tensor], np.ndarray]  # scans [B, h, w, K] -> probabilities [B, h, w, 3]
+# scans [B, h, w, K] -> probabilities [B, h, w, 3], or (probabilities, presence [B, 3] or None)
+Predictor = Callable[[tf.Tensor], np.ndarray | tuple[np.ndarray, np.ndarray | None]]
 
 
-def keras_predictor(model) -> Predictor:
-    call = tf.function(lambda scans: model(scans, training=False), reduce_retracing=True)
-    return lambda scans: call(scans).numpy()
+def keras_predictor(models, tta=()) -> Predictor:
+    """The average of one or more Keras models over the scans and their `tta` flips (model.inference)."""
+    call = tf.function(averaged(models if isinstance(models, list | tuple) else [models], tta), reduce_retracing=True)
+
+    def predict(scans):
+        probabilities, presence = call(scans)
+        return probabilities.numpy(), None if presence is None else presence.numpy()
+
+    return predict
 
 
 def load_signature(path: str | Path, name: str):
@@ -33,27 +41,39 @@ def load_signature(path: str | Path, name: str):
 
 
 def saved_model_predictor(path: str | Path) -> Predictor:
-    """The SavedModel's predict_float signature (same input as the Keras model)."""
+    """The SavedModel's predict_float signature (same input as the Keras model; its TTA and members)."""
     signature = load_signature(path, PREDICT_FLOAT)
-    return lambda scans: signature(scans=tf.convert_to_tensor(scans, tf.float32))["probabilities"].numpy()
+
+    def predict(scans):
+        out = signature(scans=tf.convert_to_tensor(scans, tf.float32))
+        return out["probabilities"].numpy(), out["presence"].numpy() if "presence" in out else None
+
+    return predict
 
 
 def predict_volumes(config: Config, folds, predict: Predictor, batch_size: int = 16
-                    ) -> Iterator[tuple[str, np.ndarray]]:
-    """(case_day, probabilities float32 [D, H, W, 3] at the original size) per volume, in record order."""
+                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(case_day, probabilities float32 [D, H, W, 3] at the original size, presence [D, 3] or None) per
+    volume, in record order."""
     parts: dict[str, list] = {}
     for batch in eval_dataset(config, folds, batch_size):
-        probabilities = predict(batch["image"])
+        out = predict(batch["image"])
+        probabilities, presence = out if isinstance(out, tuple) else (out, None)
+        if presence is None:
+            presence = np.full((len(probabilities), 0), np.nan, np.float32)  # keeps the slicing below uniform
         case_days = batch["case_day"].numpy()
         for case_day in dict.fromkeys(case_days):  # volumes in this batch, in order
             take = case_days == case_day
             name = case_day.decode()
-            parts.setdefault(name, []).append((batch["index"].numpy()[take], probabilities[take]))
+            parts.setdefault(name, []).append((batch["index"].numpy()[take], probabilities[take], presence[take]))
             depth = int(batch["depth"].numpy()[take][0])
-            if sum(len(index) for index, _ in parts[name]) == depth:
-                index = np.concatenate([i for i, _ in parts[name]])
-                volume = np.concatenate([p for _, p in parts.pop(name)])[np.argsort(index)]
+            if sum(len(index) for index, _, _ in parts[name]) == depth:
+                pieces = parts.pop(name)
+                order = np.argsort(np.concatenate([i for i, _, _ in pieces]))
+                volume = np.concatenate([p for _, p, _ in pieces])[order]
+                volume_presence = np.concatenate([q for _, _, q in pieces])[order]
                 orig_hw = (int(batch["orig_height"].numpy()[take][0]), int(batch["orig_width"].numpy()[take][0]))
-                yield name, np.asarray(restore_size(volume, orig_hw, config.data))
+                yield (name, np.asarray(restore_size(volume, orig_hw, config.data)),
+                       volume_presence if volume_presence.shape[-1] else None)
     if parts:
         raise DataError(f"{config.data.records}: incomplete volume(s) in the evaluation stream: {', '.join(parts)}")

@@ -16,6 +16,7 @@ from tfseg.evaluation.postprocess import Postprocess
 from tfseg.evaluation.predictors import Predictor, keras_predictor, predict_volumes, saved_model_predictor
 from tfseg.evaluation.report import write_report
 from tfseg.layout import RunFolder, read_info, read_manifest
+from tfseg.model.inference import parse_tta
 from tfseg.records.reader import read_volumes
 from tfseg.training.run_folder import load_run_model
 
@@ -28,25 +29,25 @@ def count_volumes(records_dir, folds) -> int | None:
         return None
 
 
-def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16, threshold: float | None = None,
-             min_component: int | None = None, min_fraction: float | None = None, limit: int | None = None,
-             empty_dice: str = "skip", hausdorff: str = "joined", progress: bool = True) -> tuple[list[dict], dict]:
-    """Score every volume of `folds` (the first `limit` only, if given): (per-volume rows, summary with
-    num_volumes, the leaderboard score, the organ3d_* metric and empty_score; see metric.Scores)."""
-    post = Postprocess.from_config(config.train, threshold=threshold, min_component=min_component,
-                                   min_component_fraction=min_fraction)
+def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16, post: Postprocess | None = None,
+             limit: int | None = None, empty_dice: str = "skip", hausdorff: str = "joined",
+             progress: bool = True) -> tuple[list[dict], dict]:
+    """Score every volume of `folds` (the first `limit` only, if given), post-processed by `post`
+    (default: config.train's settings): (per-volume rows, summary with num_volumes, the leaderboard
+    score, the organ3d_* metric and empty_score; see metric.Scores)."""
+    post = post or Postprocess.from_config(config.train)
     truths = read_volumes(config.data.records, folds)  # the same records, in the same order
     scores, rows = metric.Scores(empty_dice=empty_dice, hausdorff=hausdorff), []
     total = count_volumes(config.data.records, folds)
     if limit is not None:
         total = limit if total is None else min(total, limit)
     bar = tqdm(total=total, unit="volume", desc="evaluate", disable=not progress)
-    for case_day, probabilities in predict_volumes(config, folds, predict, batch_size):
+    for case_day, probabilities, presence in predict_volumes(config, folds, predict, batch_size):
         truth = next(truths)
         if truth["case_day"] != case_day:
             raise DataError(f"{config.data.records}: evaluation stream and records disagree "
                             f"({case_day} vs {truth['case_day']})")
-        pred = post.masks(probabilities)
+        pred = post.masks(probabilities, presence)
         rows.append(scores.add(case_day, pred, truth["mask"])
                     | {"depth": pred.shape[0], "height": pred.shape[1], "width": pred.shape[2]})
         bar.update()
@@ -62,12 +63,12 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
 
 
 def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = None, out: str | Path | None = None,
-                 batch_size: int = 16, threshold: float | None = None, min_component: int | None = None,
-                 min_fraction: float | None = None, limit: int | None = None, empty_dice: str = "skip",
-                 hausdorff: str = "joined", progress: bool = True) -> tuple[dict, Path]:
-    """Evaluate a run folder's best model, or its export `model` (the predict_float signature), on `folds`
-    (default: the run's validation folds); write the report to `out` (default RUN/eval); return
-    (summary, report folder)."""
+                 batch_size: int = 16, post_overrides: dict | None = None, tta=(), limit: int | None = None,
+                 empty_dice: str = "skip", hausdorff: str = "joined", progress: bool = True) -> tuple[dict, Path]:
+    """Evaluate a run folder's best model (with flip `tta`), or an export `model` (its predict_float
+    signature, with the TTA and members it was exported with), on `folds` (default: the run's validation
+    folds), post-processed as the run's config says except for `post_overrides` (Postprocess fields);
+    write the report to `out` (default RUN/eval); return (summary, report folder)."""
     config = load_config(RunFolder(run_dir).config)
     folds = folds if folds is not None else config.data.val_folds
     if model:
@@ -76,14 +77,18 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
             if info[key] != value:
                 raise ConfigError(f"{model}: {key} {info[key]} differs from the run's {value}: "
                                   "is it an export of this run?")
+        if tta:
+            raise ConfigError(f"{model}: a SavedModel keeps the TTA it was exported with ({info.get('tta') or 'none'});"
+                              " drop --tta, or export again with it")
         predict, source = saved_model_predictor(model), Path(model)
+        tta = info.get("tta", [])
     else:
         config, keras_model, source = load_run_model(run_dir)
-        predict = keras_predictor(keras_model)
-    rows, summary = evaluate(config, folds, predict, batch_size=batch_size, threshold=threshold,
-                             min_component=min_component, min_fraction=min_fraction, limit=limit,
+        predict = keras_predictor(keras_model, tta)
+    post = Postprocess.from_config(config.train, **(post_overrides or {}))
+    rows, summary = evaluate(config, folds, predict, batch_size=batch_size, post=post, limit=limit,
                              empty_dice=empty_dice, hausdorff=hausdorff, progress=progress)
-    summary["model"] = str(source)
+    summary |= {"model": str(source), "tta": list(parse_tta(tta))}
     out = Path(out) if out else RunFolder(run_dir).eval_dir
     write_report(out, rows, summary)
     return summary, out

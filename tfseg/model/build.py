@@ -13,7 +13,8 @@ def build_model(config: Config) -> keras.Model:
     m = config.model
     return build_unet((*config.data.image_size, len(config.data.offsets)), len(CLASSES), depth=m.depth,
                       base_filters=m.base_filters, block=m.block, norm=m.norm, dropout=m.dropout,
-                      upsample=m.upsample, encoder=m.encoder, encoder_weights=m.encoder_weights)
+                      upsample=m.upsample, encoder=m.encoder, encoder_weights=m.encoder_weights,
+                      presence_head=m.presence_head)
 
 
 def build_loss(config: Config) -> keras.losses.Loss:

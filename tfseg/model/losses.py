@@ -153,6 +153,17 @@ def get_loss(name: str, **kwargs) -> keras.losses.Loss:
         raise ConfigError(f"loss {name!r}: bad options {kwargs}: {err}") from err
 
 
+def presence_targets(y_true):
+    """Masks [B, H, W, K] -> float32 [B, K]: 1 where the slice shows any pixel of the class."""
+    y_true = ops.cast(ops.convert_to_tensor(y_true), "float32")
+    return ops.cast(ops.max(y_true, axis=(1, 2)) > 0.5, "float32")
+
+
+def presence_loss(y_true, presence):
+    """BCE of a presence head's [B, K] probabilities against the masks' presence, one value per example."""
+    return ops.mean(binary_crossentropy(presence_targets(y_true), ops.cast(presence, "float32")), axis=-1)
+
+
 def per_example_loss(loss: keras.losses.Loss, y_true, y_pred):
     """Unreduced loss, one float32 value per example, [B], for a custom tf.distribute step.
 

@@ -1,6 +1,9 @@
 """The segmentation network: a Keras 3 UNet with an optional keras.applications encoder."""
 
+import inspect
 import math
+import warnings
+from pathlib import Path
 
 import keras
 from keras import layers
@@ -10,19 +13,71 @@ from tfseg.errors import ConfigError
 BLOCKS = ("plain", "residual")
 NORMS = ("batch", "group", "none")
 UPSAMPLES = ("transpose", "resize")
-# For each backbone: the constructor and the layers whose outputs are the features at strides
-# 2, 4, 8, 16 and 32 (the last stage's output), found by building the models and listing layers.
+# Where a backbone's feature lives: a layer name (its output), "NAME.input" (the input of layer NAME),
+# OUTPUT (the backbone's own output) or STRIDE2 (the backbone has no stride-2 feature: a conv tfseg adds).
+OUTPUT, STRIDE2 = "output", "stride2"
+# For each backbone: the keras.applications constructor and its features at strides 2, 4, 8, 16 and 32
+# (the last stage's output), found by building the models at 64 px and listing their layers' output shapes;
+# each is the last block output at its stride. ConvNeXt's stem is a 4x4 stride-4 conv, so its stride-2
+# feature is a 3x3 stride-2 conv on the encoder's input; its stage outputs are unnamed additions, read where
+# the next downsampling block starts, and it ends in an unnamed layer norm.
 ENCODERS = {
     "efficientnetv2b0": (
         "EfficientNetV2B0",
         ("block1a_project_activation", "block2b_add", "block3b_add", "block5e_add", "top_activation"),
     ),
+    "efficientnetv2s": (
+        "EfficientNetV2S",
+        ("block1b_add", "block2d_add", "block3d_add", "block5i_add", "top_activation"),
+    ),
+    "efficientnetv2m": (
+        "EfficientNetV2M",
+        ("block1c_add", "block2e_add", "block3e_add", "block5n_add", "top_activation"),
+    ),
+    "efficientnetv2l": (
+        "EfficientNetV2L",
+        ("block1d_add", "block2g_add", "block3g_add", "block5s_add", "top_activation"),
+    ),
+    "efficientnetb4": (
+        "EfficientNetB4",
+        ("block1b_add", "block2d_add", "block3d_add", "block5f_add", "top_activation"),
+    ),
+    "efficientnetb5": (
+        "EfficientNetB5",
+        ("block1c_add", "block2e_add", "block3e_add", "block5g_add", "top_activation"),
+    ),
+    "efficientnetb6": (
+        "EfficientNetB6",
+        ("block1c_add", "block2f_add", "block3f_add", "block5h_add", "top_activation"),
+    ),
+    "efficientnetb7": (
+        "EfficientNetB7",
+        ("block1d_add", "block2g_add", "block3g_add", "block5j_add", "top_activation"),
+    ),
     "resnet50": (
         "ResNet50",
         ("conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
     ),
+    "convnext_tiny": (
+        "ConvNeXtTiny",
+        (STRIDE2, "convnext_tiny_downsampling_block_0.input", "convnext_tiny_downsampling_block_1.input",
+         "convnext_tiny_downsampling_block_2.input", OUTPUT),
+    ),
+    "convnext_small": (
+        "ConvNeXtSmall",
+        (STRIDE2, "convnext_small_downsampling_block_0.input", "convnext_small_downsampling_block_1.input",
+         "convnext_small_downsampling_block_2.input", OUTPUT),
+    ),
+    "convnext_base": (
+        "ConvNeXtBase",
+        (STRIDE2, "convnext_base_downsampling_block_0.input", "convnext_base_downsampling_block_1.input",
+         "convnext_base_downsampling_block_2.input", OUTPUT),
+    ),
 }
+# null (random), imagenet (Keras downloads them) or the path of a .h5 / .weights.h5 file of the backbone's
+# weights (keras.applications.X(include_top=False).save_weights, or Keras' own *_notop.h5).
 ENCODER_WEIGHTS = (None, "imagenet")
+STRIDE2_FILTERS = 64  # ConvNeXt's added stride-2 conv
 GROUPS = 8  # GroupNormalization groups (fewer when a layer has fewer channels)
 # Batch-norm moving averages keep 10% of each new batch (PyTorch's default; Keras' 0.99 keeps 1%), so
 # the statistics used at validation keep up with the weights in short runs.
@@ -41,6 +96,7 @@ def build_unet(
     upsample: str = "transpose",
     encoder: str | None = None,
     encoder_weights: str | None = None,
+    presence_head: bool = False,
     name: str = "unet",
 ) -> keras.Model:
     """Build a UNet mapping [B, H, W, C] scans in [0, 1] to [B, H, W, num_classes] probabilities.
@@ -53,6 +109,10 @@ def build_unet(
     backbone with its bottleneck at stride 32, for a keras.applications `encoder`; a smaller depth
     cuts the backbone at stride 2**depth. Decoder level i (stride 2**i) has base_filters * 2**i
     filters. dropout is SpatialDropout2D inside every conv block tfseg adds (not in the backbone).
+
+    presence_head adds a second output: per class, the probability that the slice shows the organ at
+    all (global average pooling of the bottleneck, a dense layer, sigmoid in float32); the model then
+    returns {"probabilities": [B, H, W, K], "presence": [B, K]} (see split_outputs).
     """
     depth = _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout,
                            upsample, encoder, encoder_weights)
@@ -75,6 +135,7 @@ def build_unet(
         features = _backbone(input_shape[:2], encoder, encoder_weights, depth)(rgb)
         # The full-resolution skip is the input itself: backbones start with a strided conv.
         skips, x = [inputs, *features[:-1]], features[-1]
+    bottleneck = x
 
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
@@ -89,7 +150,19 @@ def build_unet(
     # float32 so probabilities (and the loss computed from them) keep full precision under a
     # mixed_float16 / mixed_bfloat16 policy.
     outputs = layers.Activation("sigmoid", dtype="float32", name="probs")(logits)
-    return keras.Model(inputs, outputs, name=name)
+    if not presence_head:
+        return keras.Model(inputs, outputs, name=name)
+    pooled = layers.GlobalAveragePooling2D(name="presence_pool")(bottleneck)
+    presence = layers.Activation("sigmoid", dtype="float32", name="presence")(
+        layers.Dense(num_classes, name="presence_logits")(pooled))
+    return keras.Model(inputs, {"probabilities": outputs, "presence": presence}, name=name)
+
+
+def split_outputs(outputs):
+    """(probabilities, presence or None) of a model call, with or without a presence head."""
+    if isinstance(outputs, dict):
+        return outputs["probabilities"], outputs["presence"]
+    return outputs, None
 
 
 def _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout, upsample,
@@ -97,12 +170,17 @@ def _check_options(input_shape, num_classes, depth, base_filters, block, norm, d
     """Validate build_unet's arguments; return the depth to use."""
     for option, value, allowed in (("block", block, BLOCKS), ("norm", norm, NORMS),
                                    ("upsample", upsample, UPSAMPLES),
-                                   ("encoder", encoder, (None, *ENCODERS)),
-                                   ("encoder_weights", encoder_weights, ENCODER_WEIGHTS)):
+                                   ("encoder", encoder, (None, *ENCODERS))):
         if value not in allowed:
             raise ConfigError(f"model: {option} must be one of {allowed}, got {value!r}")
+    is_file = isinstance(encoder_weights, str) and encoder_weights.endswith(".h5")
+    if not (encoder_weights in ENCODER_WEIGHTS or is_file):
+        raise ConfigError(f"model: encoder_weights must be null, 'imagenet' or the path of a .h5 / .weights.h5 "
+                          f"file, got {encoder_weights!r}")
     if encoder is None and encoder_weights is not None:
         raise ConfigError(f"model: encoder_weights={encoder_weights!r} needs an encoder ({tuple(ENCODERS)})")
+    if is_file and not Path(encoder_weights).expanduser().is_file():
+        raise ConfigError(f"model: encoder_weights file {encoder_weights} for encoder {encoder!r} does not exist")
     max_depth = 5 if encoder else None
     depth = (5 if encoder else 4) if depth is None else depth
     if not (isinstance(depth, int) and depth >= 1 and (max_depth is None or depth <= max_depth)):
@@ -131,24 +209,69 @@ def _round_up(sizes, factor: int) -> tuple:
 def _backbone(size: tuple, encoder: str, weights: str | None, depth: int) -> keras.Model:
     """A keras.applications model as a sub-model 'encoder' with the features at strides 2..2**depth.
 
-    Freeze it for warm-up with `model.get_layer("encoder").trainable = False`.
+    Freeze it for warm-up with `model.get_layer("encoder").trainable = False` (ConvNeXt's stride-2 conv,
+    which no weights file holds, then stays at its random start too).
     """
-    constructor_name, feature_layers = ENCODERS[encoder]
+    constructor_name, feature_specs = ENCODERS[encoder]
     constructor = getattr(keras.applications, constructor_name)
-    # Our inputs are already [0, 1] scans, not [0, 255] RGB, so skip EfficientNetV2's built-in
-    # rescaling and normalisation. ResNet50 has none; its conv1 is followed by batch norm.
-    extra = {"include_preprocessing": False} if encoder.startswith("efficientnet") else {}
+    options = {"include_top": False, "weights": "imagenet" if weights == "imagenet" else None,
+               "input_shape": (*size, 3)}
+    # Our inputs are already [0, 1] scans, not [0, 255] RGB, so skip EfficientNetV2's and ConvNeXt's
+    # built-in rescaling and normalisation. ResNet50 has none; its conv1 is followed by batch norm.
+    if "include_preprocessing" in inspect.signature(constructor).parameters:
+        options["include_preprocessing"] = False
+    if constructor_name.startswith("EfficientNetB"):
+        # EfficientNet B0-B7 always divide by 255, then normalise with the ImageNet statistics their
+        # weights carry: scaling [0, 1] scans to [0, 255] first gives the range those weights expect.
+        # Keras adds one more 1/sqrt(std) rescaling (tensorflow#49930) only when it downloads them itself;
+        # loaded from a file they lack it: a near-uniform input scale, which stem_bn after the bias-free
+        # stem_conv normalises away in training.
+        options["input_tensor"] = layers.Rescaling(255.0, name="to_0_255")(keras.Input((*size, 3)))
     try:
-        backbone = constructor(include_top=False, weights=weights, input_shape=(*size, 3), **extra)
+        backbone = constructor(**options)
     except Exception as err:  # keras raises a bare Exception when the download fails
-        if weights is None:
+        if options["weights"] is None:
             raise
         raise RuntimeError(
             f"model: the {weights} weights for encoder {encoder!r} could not be downloaded or loaded "
             f"({err}). This machine may have no internet: set encoder_weights: null, or place the "
             "Keras weights file in ~/.keras/models (or $KERAS_HOME/models)") from err
-    features = [backbone.get_layer(n).output for n in feature_layers[:depth]]
-    return keras.Model(backbone.input, features, name="encoder")
+    if weights not in ENCODER_WEIGHTS:
+        _load_backbone_weights(backbone, weights, encoder, constructor_name)
+
+    scans = backbone.inputs[0]  # EfficientNet B's inputs is a list when built on an input_tensor
+
+    def feature(spec: str):
+        if spec == OUTPUT:
+            return backbone.output
+        if spec == STRIDE2:
+            x = layers.Conv2D(STRIDE2_FILTERS, 3, strides=2, padding="same", name="stride2_conv")(scans)
+            x = layers.LayerNormalization(epsilon=1e-6, name="stride2_norm")(x)
+            return layers.Activation("gelu", name="stride2_gelu")(x)
+        name, _, port = spec.partition(".")
+        return getattr(backbone.get_layer(name), port or "output")
+
+    return keras.Model(scans, [feature(spec) for spec in feature_specs[:depth]], name="encoder")
+
+
+def _load_backbone_weights(backbone: keras.Model, path: str, encoder: str, constructor_name: str) -> None:
+    """Load a weights file into the backbone; a file that does not fit is a ConfigError saying why."""
+    with warnings.catch_warnings(record=True) as caught:  # a file that does not fit warns per layer
+        warnings.simplefilter("always")
+        try:
+            backbone.load_weights(Path(path).expanduser())
+        except OSError as err:
+            reason = f"not an HDF5 weights file ({err})"
+        except Exception as err:  # ValueError: other layers or shapes (Keras lists them all: keep the start)
+            reason = " ".join(str(err).split(" List of objects")[0].split())
+            reason = f"its weights do not match ({reason if len(reason) <= 300 else reason[:300] + ' ...'})"
+        else:
+            reason = None
+    if reason:
+        raise ConfigError(f"model: encoder_weights file {path} does not load into encoder {encoder!r} "
+                          f"(keras.applications.{constructor_name}, include_top=False): {reason}")
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _norm(x, norm: str, name: str):

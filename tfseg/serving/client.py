@@ -6,12 +6,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from tfseg import files
 from tfseg.data.context import context_rows
 from tfseg.kaggle.scans import encode_png
-from tfseg.layout import SIGNATURE
+from tfseg.layout import MASKS_PNG, SIGNATURE
 from tfseg.serving.api import GRPC_OPTIONS
 
 
@@ -35,10 +36,15 @@ def scan_files(paths: list[str]) -> list[Path]:
     return out
 
 
-def predict_rest(url: str, model_name: str, rows: list[list[bytes]], timeout: float) -> np.ndarray:
-    """POST /v1/models/NAME:predict in the row ("instances") format; returns masks uint8 [N, H, W, 3]."""
+def predict_rest(url: str, model_name: str, rows: list[list[bytes]], timeout: float,
+                 signature: str = MASKS_PNG) -> np.ndarray:
+    """POST /v1/models/NAME:predict in the row ("instances") format; returns masks uint8 [N, H, W, 3].
+
+    By default it asks the masks_png signature (a PNG per slice: REST has no output filter, and
+    serving_default's answer carries every probability as a JSON number); serving_default works too.
+    """
     base = url if url.startswith(("http://", "https://")) else f"http://{url}"
-    body = {"signature_name": SIGNATURE,
+    body = {"signature_name": signature,
             "instances": [{"slices": [{"b64": base64.b64encode(png).decode()} for png in row]} for row in rows]}
     request = urllib.request.Request(f"{base.rstrip('/')}/v1/models/{model_name}:predict",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -54,7 +60,17 @@ def predict_rest(url: str, model_name: str, rows: list[list[bytes]], timeout: fl
         raise ServingError(f"{base} answered HTTP {err.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as err:
         raise ServingError(f"{base}: cannot reach the REST API ({getattr(err, 'reason', err)})") from None
+    if signature == MASKS_PNG:
+        return np.stack([png_mask(base64.b64decode(p["b64"])) for p in answer["predictions"]])
     return np.asarray([p["masks"] for p in answer["predictions"]], np.uint8)
+
+
+def png_mask(png: bytes) -> np.ndarray:
+    """A masks_png answer (RGB PNG, 255 where an organ is) -> mask uint8 [H, W, 3] of 0/1 in CLASSES order."""
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 3 or image.shape[2] != 3:
+        raise ServingError("the server's masks_png answer is not an RGB PNG")
+    return (image[..., ::-1] > 127).astype(np.uint8)  # cv2 decodes BGR
 
 
 def predict_grpc(url: str, model_name: str, rows: list[list[bytes]], timeout: float) -> np.ndarray:

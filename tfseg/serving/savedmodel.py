@@ -12,8 +12,10 @@ from tfseg import CLASSES, __version__, files, layout
 from tfseg.config import Config, to_dict
 from tfseg.errors import DataError
 from tfseg.evaluation.postprocess import Postprocess
-from tfseg.layout import PREDICT_FLOAT, SIGNATURE
+from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
+from tfseg.model.inference import parse_tta
 from tfseg.records.reader import fold_cases
+from tfseg.serving.kit import write_kit
 from tfseg.serving.signatures import serving_functions
 from tfseg.serving.warmup import sample_context, warmup_record
 from tfseg.training.run_folder import load_run_model
@@ -27,8 +29,17 @@ def _fold_cases(config: Config) -> dict[str, list[int]] | None:
         return None
 
 
-def export_info(config: Config, source: Path | None, chunk: int) -> dict:
+# What every member of an ensemble must share: the serving graph prepares one input for all of them.
+SHARED_SETTINGS = {"data.offsets": lambda c: list(c.data.offsets),
+                   "data.image_size": lambda c: list(c.data.image_size),
+                   "data.clip_percentiles": lambda c: list(c.data.clip_percentiles),
+                   "data.resize": lambda c: c.data.resize,
+                   "data.interpolation": lambda c: c.data.interpolation}
+
+
+def export_info(config: Config, sources: list[Path | None], chunk: int, tta=()) -> dict:
     d = config.data
+    members = [{"path": str(s), "sha256": files.sha256(s)} if s else None for s in sources]
     return {
         "tfseg_version": __version__,
         "classes": list(CLASSES),
@@ -38,15 +49,29 @@ def export_info(config: Config, source: Path | None, chunk: int) -> dict:
         "clip_percentiles": list(d.clip_percentiles),
         "resize": d.resize,
         "chunk": chunk,
-        "source": {"path": str(source), "sha256": files.sha256(source)} if source else None,
+        "tta": list(tta),
+        "source": members[0] if len(members) == 1 else None,
+        "members": members,
         "signatures": {
             SIGNATURE: "slices string [N, K] 16-bit PNGs -> probabilities float32 [N, H, W, 3], "
-                               "masks uint8 [N, H, W, 3]",
+                       "masks uint8 [N, H, W, 3] (and presence float32 [N, 3] with a presence head)",
             PREDICT_FLOAT: "scans float32 [N, h, w, K] normalised -> probabilities float32 [N, h, w, 3]",
+            MASKS_PNG: "slices as serving_default -> masks_png string [N]: per slice an RGB PNG, 255 where "
+                       "large bowel (R), small bowel (G), stomach (B)",
         },
         "config": to_dict(config),
         "fold_cases": _fold_cases(config),
     }
+
+
+def check_members(configs: list[Config], names: list[str]) -> None:
+    """DataError naming the member and the setting when an ensemble's members cannot share one input."""
+    for key, value in SHARED_SETTINGS.items():
+        first = value(configs[0])
+        for config, name in zip(configs[1:], names[1:], strict=True):
+            if value(config) != first:
+                raise DataError(f"{name}: {key} is {value(config)} but {names[0]} has {first}; the members of "
+                                "an ensemble must share their input (offsets, size, normalisation)")
 
 
 def _check_target(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -59,16 +84,19 @@ def _check_target(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def write_saved_model(model: keras.Model, config: Config, out: str | os.PathLike, *,
-                      overwrite: bool = False, chunk: int = 16, source: Path | None = None,
-                      verbose: bool = True) -> Path:
-    """Write `model` (float32) as the SavedModel version folder `out`, atomically; returns `out`."""
+def write_saved_model(models, config: Config, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16,
+                      sources: list[Path | None] | None = None, tta=(), verbose: bool = True) -> Path:
+    """Write `models` (one float32 Keras model, or an ensemble's members) as the SavedModel version
+    folder `out`, atomically; returns `out`. config gives the input and the post-processing."""
+    models = list(models) if isinstance(models, list | tuple) else [models]
+    tta = parse_tta(tta)
     out = _check_target(out, overwrite)
     if chunk < 1:
         raise DataError(f"--chunk must be >= 1, got {chunk}")
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    for name, (fn, signature) in serving_functions(model, config, chunk).items():
+    for model in models:
+        archive.track(model)
+    for name, (fn, signature) in serving_functions(models, config, chunk, tta).items():
         archive.add_endpoint(name, fn, input_signature=signature)
     warmup = sample_context(config)
     with files.atomic_dir(out, overwrite) as tmp:
@@ -76,7 +104,8 @@ def write_saved_model(model: keras.Model, config: Config, out: str | os.PathLike
         layout.warmup_path(tmp).parent.mkdir()
         with tf.io.TFRecordWriter(str(layout.warmup_path(tmp))) as writer:
             writer.write(warmup_record(warmup))
-        files.write_json(layout.info_path(tmp), export_info(config, source, chunk))
+        files.write_json(layout.info_path(tmp), export_info(config, sources or [None] * len(models), chunk, tta))
+        write_kit(layout.info_path(tmp).parent, out.parent.name or "tfseg", int(out.name))
         # Answer the warm-up request from the written files before publishing them.
         answer = tf.saved_model.load(str(tmp)).signatures[SIGNATURE](slices=tf.constant([warmup]))
         if verbose:
@@ -85,12 +114,25 @@ def write_saved_model(model: keras.Model, config: Config, out: str | os.PathLike
     return out
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-           chunk: int = 16, verbose: bool = True) -> Path:
-    """Write the run's model as the SavedModel `out` (a numbered version folder); returns `out`."""
+def export(runs, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16, tta=(),
+           verbose: bool = True) -> Path:
+    """Write a run's model, or the average of several runs' models (an ensemble, e.g. the folds of a
+    cross-validation), as the SavedModel `out` (a numbered version folder); returns `out`. The first
+    run's config gives the post-processing; all must share their input (check_members)."""
+    runs = [runs] if isinstance(runs, str | os.PathLike) else list(runs)
+    if not runs:
+        raise DataError("export needs at least one run folder")
     _check_target(out, overwrite)  # fail before loading anything
-    config, model, source = load_run_model(run_dir)
-    write_saved_model(model, config, out, overwrite=overwrite, chunk=chunk, source=source, verbose=verbose)
+    parse_tta(tta)
+    for run in runs:
+        if not layout.RunFolder(run).final_model.exists():
+            raise DataError(f"{run}: no {layout.RunFolder(run).final_model.name}; not a finished tfseg run folder")
+    loaded = [load_run_model(run) for run in runs]
+    check_members([config for config, _, _ in loaded], [str(run) for run in runs])
+    write_saved_model([model for _, model, _ in loaded], loaded[0][0], out, overwrite=overwrite, chunk=chunk,
+                      sources=[source for _, _, source in loaded], tta=tta, verbose=verbose)
     if verbose:
-        print(f"exported {source} -> {out} (signatures {SIGNATURE}, {PREDICT_FLOAT})")
+        what = loaded[0][2] if len(runs) == 1 else f"an ensemble of {len(runs)} runs"
+        print(f"exported {what} -> {out} (signatures {SIGNATURE}, {MASKS_PNG}, {PREDICT_FLOAT}"
+              f"{'; tta ' + ','.join(parse_tta(tta)) if tta else ''})")
     return Path(out)

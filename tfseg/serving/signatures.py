@@ -12,11 +12,13 @@
 import keras
 import tensorflow as tf
 
+from tfseg import CLASSES
 from tfseg.config import Config
 from tfseg.data.context import centre_index
 from tfseg.data.preprocess import normalize, resize_images, restore_size
-from tfseg.evaluation.postprocess import Postprocess, binarize
-from tfseg.layout import PREDICT_FLOAT, SIGNATURE
+from tfseg.evaluation.postprocess import Postprocess, slice_masks
+from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
+from tfseg.model.inference import averaged
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A PNG starts with its 8-byte signature, then the IHDR chunk: length (4), "IHDR" (4), width (4),
@@ -67,26 +69,34 @@ def decode_slices(slices, num_context: int, centre: int):
     return tf.ensure_shape(images, [None, None, None]), index
 
 
-def _run_chunked(model: keras.Model, scans, chunk: int):
-    """model(scans) `chunk` slices at a time: a whole-volume request needs no more memory than a batch."""
+def _run_chunked(predict, scans, chunk: int, num_classes: int, with_presence: bool):
+    """predict(scans) -> (probabilities, presence or None), `chunk` slices at a time: a whole-volume
+    request needs no more memory than a batch."""
     count = (tf.shape(scans)[0] + chunk - 1) // chunk
-    outputs = tf.TensorArray(tf.float32, size=count, infer_shape=False)
+    empty = tf.TensorArray(tf.float32, size=count, infer_shape=False)
 
-    def step(i, outputs):
-        part = scans[i * chunk:(i + 1) * chunk]
-        return i + 1, outputs.write(i, tf.cast(model(part, training=False), tf.float32))
+    def step(i, probabilities, presences):
+        probs, presence = predict(scans[i * chunk:(i + 1) * chunk])
+        presences = presences.write(i, presence) if with_presence else presences
+        return i + 1, probabilities.write(i, tf.cast(probs, tf.float32)), presences
 
-    _, outputs = tf.while_loop(lambda i, _: i < count, step, (tf.constant(0), outputs), parallel_iterations=1)
-    return tf.ensure_shape(outputs.concat(), [None, *model.output_shape[1:]])
+    _, probabilities, presences = tf.while_loop(lambda i, *_: i < count, step, (tf.constant(0), empty, empty),
+                                                parallel_iterations=1)
+    probabilities = tf.ensure_shape(probabilities.concat(), [None, *scans.shape[1:3], num_classes])
+    return probabilities, tf.ensure_shape(presences.concat(), [None, num_classes]) if with_presence else None
 
 
-def serving_functions(model: keras.Model, config: Config, chunk: int = 16):
-    """Signature name -> (function, input signature) of the SavedModel."""
+def serving_functions(models: list[keras.Model], config: Config, chunk: int = 16, tta=()):
+    """Signature name -> (function, input signature) of the SavedModel: the average of `models` (one,
+    or an ensemble's members) over the scans and their `tta` flips, post-processed as config.train says."""
     d = config.data
     height, width = d.image_size
     num_context = len(d.offsets)
     centre = centre_index(d.offsets)
-    threshold = Postprocess.from_config(config.train).threshold
+    post = Postprocess.from_config(config.train)
+    predict = averaged(models, tta)
+    with_presence = all(isinstance(m.output, dict) for m in models)
+    num_classes = len(CLASSES)
 
     def predict_png(slices):
         images, index = decode_slices(slices, num_context, centre)
@@ -95,14 +105,24 @@ def serving_functions(model: keras.Model, config: Config, chunk: int = 16):
         scans = resize_images(scans[..., None], (height, width), d)[..., 0]
         scans = tf.ensure_shape(tf.transpose(tf.gather(scans, index), [0, 2, 3, 1]),
                                 [None, height, width, num_context])
-        probabilities = restore_size(_run_chunked(model, scans, chunk), orig_hw, d)
-        return {"probabilities": probabilities, "masks": binarize(probabilities, threshold)}
+        probabilities, presence = _run_chunked(predict, scans, chunk, num_classes, with_presence)
+        probabilities = restore_size(probabilities, orig_hw, d)
+        out = {"probabilities": probabilities, "masks": slice_masks(post, probabilities, presence)}
+        return out | ({"presence": presence} if with_presence else {})
+
+    def predict_masks_png(slices):
+        """The masks of serving_default as one PNG per slice (RGB: large bowel, small bowel, stomach; 255 where
+        the organ is): a whole volume's answer is a few hundred kB, where REST's JSON numbers take MBs."""
+        masks = predict_png(slices)["masks"] * tf.constant(255, tf.uint8)
+        return {"masks_png": tf.map_fn(tf.io.encode_png, masks, fn_output_signature=tf.TensorSpec([], tf.string))}
 
     def predict_float(scans):
-        return {"probabilities": _run_chunked(model, scans, chunk)}
+        probabilities, presence = _run_chunked(predict, scans, chunk, num_classes, with_presence)
+        return {"probabilities": probabilities} | ({"presence": presence} if with_presence else {})
 
     signatures = {
         SIGNATURE: (predict_png, [tf.TensorSpec([None, None], tf.string, name="slices")]),
+        MASKS_PNG: (predict_masks_png, [tf.TensorSpec([None, None], tf.string, name="slices")]),
         PREDICT_FLOAT: (predict_float, [tf.TensorSpec([None, height, width, num_context], tf.float32,
                                                         name="scans")]),
     }

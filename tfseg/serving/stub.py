@@ -13,14 +13,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+from google.protobuf import json_format
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from tfseg import layout
 from tfseg.errors import DataError
 from tfseg.layout import SIGNATURE
 from tfseg.serving.api import GRPC_OPTIONS
 
-REST_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(:predict)?")
+REST_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(:predict|/metadata)?")
 
 
 class RequestError(Exception):
@@ -46,12 +48,21 @@ class Servable:
         self.name, self.version = name, versions[-1]
         self.path = base / str(self.version)
         self.model = tf.saved_model.load(str(self.path))
+        saved = saved_model_pb2.SavedModel.FromString((self.path / "saved_model.pb").read_bytes())
+        # What TF Serving's GetModelMetadata answers: the SignatureDefs of the serving meta graph.
+        self.signature_defs = get_model_metadata_pb2.SignatureDefMap(signature_def=saved.meta_graphs[0].signature_def)
 
     def check(self, name: str, version: int | None) -> None:
         if name != self.name or (version is not None and version != self.version):
             wanted = f"{name} version {version}" if version is not None else name
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {wanted} "
                                                           f"(serving {self.name} version {self.version})")
+
+    def metadata_json(self) -> dict:
+        """GET /v1/models/NAME/metadata's answer, in TF Serving's JSON shape."""
+        return {"model_spec": {"name": self.name, "signature_name": "", "version": str(self.version)},
+                "metadata": {"signature_def": json_format.MessageToDict(
+                    self.signature_defs, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}}
 
     def predict(self, signature_name: str, inputs: dict, output_filter=()) -> dict[str, np.ndarray]:
         signature_name = signature_name or SIGNATURE
@@ -92,6 +103,23 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = self.servable.version
         for key, value in outputs.items():
             response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+
+    def GetModelMetadata(self, request, context):  # noqa: N802 (gRPC method name)
+        spec = request.model_spec
+        try:
+            self.servable.check(spec.name, spec.version.value if spec.HasField("version") else None)
+            unsupported = [f for f in request.metadata_field if f != "signature_def"]
+            if unsupported or not request.metadata_field:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {unsupported or ['']} is "
+                                   "not supported: ask for metadata_field signature_def")
+        except RequestError as err:
+            context.abort(err.code, err.message)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=model_pb2.ModelSpec(name=self.servable.name))
+        response.model_spec.version.value = self.servable.version
+        response.metadata["signature_def"].Pack(self.servable.signature_defs)
         return response
 
 
@@ -153,24 +181,28 @@ def rest_handler(servable: Servable):
             self.end_headers()
             self.wfile.write(data)
 
-        def _route(self, want_predict: bool):
+        def _route(self, *allowed: str | None) -> str | None:
+            """The endpoint's suffix (None for the model status, ':predict', '/metadata') if allowed."""
             match = REST_PATH.fullmatch(self.path)
-            if not match or bool(match.group(3)) != want_predict:
+            if not match or match.group(3) not in allowed:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"no such endpoint: {self.command} {self.path}")
             servable.check(match.group(1), int(match.group(2)) if match.group(2) else None)
+            return match.group(3)
 
         def do_GET(self):  # noqa: N802 (http.server method name)
             try:
-                self._route(want_predict=False)
+                endpoint = self._route(None, "/metadata")
             except RequestError as err:
                 return self._send(err.http_status, {"error": err.message})
+            if endpoint == "/metadata":
+                return self._send(200, servable.metadata_json())
             self._send(200, {"model_version_status": [{"version": str(servable.version), "state": "AVAILABLE",
                                                        "status": {"error_code": "OK", "error_message": ""}}]})
 
         def do_POST(self):  # noqa: N802 (http.server method name)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             try:
-                self._route(want_predict=True)
+                self._route(":predict")
                 try:
                     request = json.loads(body)
                 except ValueError as err:

@@ -12,8 +12,9 @@ import tensorflow as tf
 
 from tfseg import CLASSES
 from tfseg.config import Config
-from tfseg.model.losses import per_example_loss
+from tfseg.model.losses import per_example_loss, presence_loss, presence_targets
 from tfseg.model.metrics import DiceMetric, IoUMetric
+from tfseg.model.unet import split_outputs
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -25,6 +26,7 @@ class Steps:
                  global_batch: int, config: Config):
         self.strategy, self.model, self.optimizer, self.loss = strategy, model, optimizer, loss
         self.global_batch, self.train_config = global_batch, config.train
+        self.presence_weight = config.loss.presence_weight
         # XLA compiles the forward and backward pass of one replica; the cross-replica sum and the
         # update stay outside it, so jit_compile works under every strategy.
         self._gradients = tf.function(self._gradients_fn, jit_compile=True) if config.train.jit_compile \
@@ -34,8 +36,10 @@ class Steps:
 
     def _gradients_fn(self, x, y):
         with tf.GradientTape() as tape:
-            pred = self.model(x, training=True)
+            pred, presence = split_outputs(self.model(x, training=True))
             per_example = per_example_loss(self.loss, y, pred)
+            if presence is not None:
+                per_example += self.presence_weight * presence_loss(y, presence)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -60,13 +64,21 @@ class Steps:
         return self.strategy.reduce(SUM, self.strategy.run(self._replica_train, args=(x, y)), axis=None)
 
     def _replica_eval(self, x, y):
-        """[loss sum, examples, intersection (K), predicted (K), true (K)]: one vector, one all-reduce."""
-        pred = self.model(x, training=False)
+        """[loss sum, examples, intersection (K), predicted (K), true (K), and with a presence head its
+        true positives, false positives, false negatives, true negatives (K each)]: one all-reduce."""
+        pred, presence = split_outputs(self.model(x, training=False))
         y = tf.cast(y, tf.float32)
         per_example = per_example_loss(self.loss, y, pred)
+        if presence is not None:
+            per_example += self.presence_weight * presence_loss(y, presence)
         true = tf.cast(y > 0.5, tf.float32)
         hard = tf.cast(pred > self.train_config.threshold, tf.float32)
         sums = [tf.reduce_sum(v, axis=[0, 1, 2]) for v in (true * hard, hard, true)]
+        if presence is not None:
+            shown = presence_targets(y)
+            said = tf.cast(presence >= self.train_config.presence_threshold, tf.float32)
+            sums += [tf.reduce_sum(v, axis=0) for v in (said * shown, said * (1 - shown), (1 - said) * shown,
+                                                        (1 - said) * (1 - shown))]
         return tf.concat([[tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32)], *sums], 0)
 
     def _eval_step(self, x, y):
@@ -75,9 +87,18 @@ class Steps:
     def evaluate(self, dataset) -> dict:
         """Validation loss and Dice / IoU of all pixels of the (distributed) validation set at once."""
         totals = sum(self.eval_step(x, y).numpy().astype(np.float64) for x, y in dataset)
-        loss, count, (inter, pred, true) = totals[0], totals[1], totals[2:].reshape(3, -1)
+        loss, count, sums = totals[0], totals[1], totals[2:].reshape(-1, len(CLASSES))
+        inter, pred, true = sums[:3]
         dice = np.asarray(DiceMetric.score(inter, pred, true))
         iou = np.asarray(IoUMetric.score(inter, pred, true))
-        return {"val_loss": loss / max(count, 1.0), "val_dice": float(dice.mean()), "val_iou": float(iou.mean()),
-                **{f"val_dice_{c}": float(d) for c, d in zip(CLASSES, dice, strict=True)}}
+        row = {"val_loss": loss / max(count, 1.0), "val_dice": float(dice.mean()), "val_iou": float(iou.mean()),
+               **{f"val_dice_{c}": float(d) for c, d in zip(CLASSES, dice, strict=True)}}
+        if len(sums) > 3:  # presence head: per class accuracy and F1 of "organ on this slice"
+            tp, fp, fn, tn = sums[3:]
+            f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.ones_like(tp), where=2 * tp + fp + fn > 0)
+            accuracy = (tp + tn) / np.maximum(tp + fp + fn + tn, 1)
+            row |= {"val_presence_f1": float(f1.mean()),
+                    **{f"val_presence_f1_{c}": float(v) for c, v in zip(CLASSES, f1, strict=True)},
+                    **{f"val_presence_accuracy_{c}": float(v) for c, v in zip(CLASSES, accuracy, strict=True)}}
+        return row
 

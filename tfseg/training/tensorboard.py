@@ -9,6 +9,7 @@ from tfseg.config import Config
 from tfseg.data.context import centre_index
 from tfseg.draw import draw_contours
 from tfseg.errors import ConfigError
+from tfseg.model.unet import split_outputs
 
 IMAGES = 4  # validation slices shown
 
@@ -78,7 +79,7 @@ def log_epoch(writers, row: dict, epoch: int, model, image_data, config: Config,
         every = config.train.image_log_every
         if every and image_data[0] is not None and (epoch % every == 0 or epoch == epochs):
             scans, masks = image_data
-            pred = keras.ops.convert_to_numpy(model(scans, training=False)) > config.train.threshold
+            pred = keras.ops.convert_to_numpy(split_outputs(model(scans, training=False))[0]) > config.train.threshold
             centre = centre_index(config.data.offsets)
             images = [draw_contours(s[..., centre], m, p) for s, m, p in zip(scans, masks, pred, strict=True)]
             tf.summary.image("predictions", np.stack(images), max_outputs=len(images),

@@ -1,0 +1,47 @@
+"""What inference runs: the average of one or more models' outputs over the scans and their flips.
+
+Flip test-time augmentation (`hflip`: left-right, `vflip`: up-down) predicts the flipped scans too and
+flips the probabilities back before averaging; an ensemble averages its members the same way. One
+function, so evaluate and the exported SavedModel compute the same average.
+"""
+
+import keras
+from keras import ops
+
+from tfseg.errors import ConfigError
+from tfseg.model.unet import split_outputs
+
+TTA_MODES = {"hflip": 2, "vflip": 1}  # the axis of [B, H, W, C] each flips
+
+
+def parse_tta(spec) -> tuple[str, ...]:
+    """'hflip,vflip' (or a list) -> ('hflip', 'vflip'); '' or None -> ()."""
+    modes = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec or ()) if m.strip()]
+    for mode in modes:
+        if mode not in TTA_MODES:
+            raise ConfigError(f"tta: unknown mode {mode!r} (choose from {', '.join(TTA_MODES)})")
+    return tuple(dict.fromkeys(modes))
+
+
+def averaged(models: list[keras.Model], tta=()):
+    """A function scans [B, h, w, K] -> (probabilities float32 [B, h, w, 3], presence [B, 3] or None): the
+    mean over every model and every view (the scans as they are, and each flip in `tta`). Presence is
+    averaged when every model has a presence head, else None."""
+    views = (None, *parse_tta(tta))
+
+    def call(scans):
+        probabilities, presences = [], []
+        for model in models:
+            for view in views:
+                x = scans if view is None else ops.flip(scans, axis=TTA_MODES[view])
+                probs, presence = split_outputs(model(x, training=False))
+                probs = ops.cast(probs, "float32")
+                probabilities.append(probs if view is None else ops.flip(probs, axis=TTA_MODES[view]))
+                presences.append(presence)
+        mean_probs = probabilities[0] if len(probabilities) == 1 else ops.mean(ops.stack(probabilities), axis=0)
+        if any(p is None for p in presences):
+            return mean_probs, None
+        stacked = [ops.cast(p, "float32") for p in presences]
+        return mean_probs, stacked[0] if len(stacked) == 1 else ops.mean(ops.stack(stacked), axis=0)
+
+    return call
