@@ -58,8 +58,8 @@ class ModelConfig:
     norm: str = "batch"  # batch | group | none
     dropout: float = 0.0
     upsample: str = "transpose"  # transpose | resize
-    encoder: str | None = None  # null | efficientnetv2b0 | resnet50
-    encoder_weights: str | None = None  # null | imagenet (needs a download)
+    encoder: str | None = None  # null, or a keras.applications backbone (CHOICES lists them)
+    encoder_weights: str | None = None  # null | imagenet (needs a download) | a local .h5 / .weights.h5 file
     presence_head: bool = False  # a per-class "organ on this slice" output, for empty-slice gating
 
 

@@ -52,11 +52,9 @@ def _flat(config: Config) -> dict:
     return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()}
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, config: Config, *, fresh: bool, chief: bool) -> bool:
-    """Check the run folder against `config` and write config.yaml; return whether to resume.
-
-    A folder made with another config refuses to resume (ConfigError) unless fresh, which clears it.
-    """
+def check_run_dir(run_dir: str | os.PathLike, config: Config, *, fresh: bool) -> bool:
+    """Whether to resume the run folder; a folder made with another config refuses to resume
+    (ConfigError) unless fresh. Writes nothing: start_run_dir does, once the model is built."""
     run = RunFolder(run_dir)
     resume = run.config.exists() and not fresh
     if resume:
@@ -66,12 +64,16 @@ def prepare_run_dir(run_dir: str | os.PathLike, config: Config, *, fresh: bool, 
         if changed:
             raise ConfigError(f"{run_dir}: cannot resume, the run was started with another config ("
                               + "; ".join(changed) + "); pass --fresh to start over, or use another --run-dir")
-    if chief:
-        if fresh:
-            for path in run.training_outputs:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        save_config(config, run.config)
     return resume
+
+
+def start_run_dir(run_dir: str | os.PathLike, config: Config, *, fresh: bool) -> None:
+    """Clear a fresh run's outputs and write config.yaml (the chief does, before the first epoch)."""
+    run = RunFolder(run_dir)
+    if fresh:
+        for path in run.training_outputs:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    save_config(config, run.config)
 
 
 def load_run_model(run_dir: str | os.PathLike) -> tuple[Config, keras.Model, Path]:

@@ -16,7 +16,7 @@ from tfseg.model.build import build_loss, build_model
 from tfseg.training import strategy as strategy_lib
 from tfseg.training.loop import Log, fit
 from tfseg.training.optimizer import make_optimizer
-from tfseg.training.run_folder import prepare_run_dir
+from tfseg.training.run_folder import check_run_dir, start_run_dir
 from tfseg.training.tensorboard import parse_profile, validation_images
 
 
@@ -59,7 +59,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     batch = config.data.batch_size
     if batch % strategy.num_replicas_in_sync:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by the {strategy.num_replicas_in_sync} replicas")
-    resume = prepare_run_dir(run_dir, resolved, fresh=fresh, chief=chief)
+    resume = check_run_dir(run_dir, resolved, fresh=fresh)
     steps_per_epoch = t.steps_per_epoch or max(1, count_slices(config.data.records, folds,
                                                                     config.data.keep_empty) // batch)
     log(f"strategy {resolved.train.strategy} ({strategy.num_replicas_in_sync} replicas on {kind}), precision "
@@ -81,6 +81,8 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
             optimizer = make_optimizer(t, steps_per_epoch, precision)
             optimizer.build(model.trainable_variables)
             loss = build_loss(config)
+        if chief:  # only now: bad input (a weights file that does not fit, say) leaves the folder as it was
+            start_run_dir(run_dir, resolved, fresh=fresh)
         train_data = strategy.distribute_datasets_from_function(
             lambda context: train_dataset(config, folds, input_context=context, global_batch_size=batch))
         val_data = strategy.distribute_datasets_from_function(val_pairs)
