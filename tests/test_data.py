@@ -100,6 +100,16 @@ def test_training_channels_are_the_neighbour_slices(tiny_records):
     assert seen == set(range(DEPTH))  # both ends (the clamped cases) were checked
 
 
+@pytest.mark.parametrize("size", [1, 7, 5000, 2 * 2**18 + 3, 3 * 2**18 - 1])
+def test_uint16_histogram_percentiles_equal_the_top_k_ones(size):
+    """Scans (uint16) take the histogram path, other dtypes top_k: the same order statistics."""
+    values = np.random.default_rng(size).integers(0, 65536, size, dtype=np.uint16)
+    values[: size // 3] = 17  # ties
+    qs = (0.0, 0.5, 2.0, 50.0, 99.5, 100.0)
+    np.testing.assert_array_equal(preprocess.percentiles(tf.constant(values), qs).numpy(),
+                                  preprocess.percentiles(tf.constant(values.astype(np.float32)), qs).numpy())
+
+
 def test_normalize_matches_numpy_percentiles():
     rng = np.random.default_rng(0)
     values = rng.integers(0, 5000, (6, 30, 20), dtype=np.uint16)  # small: every value is used

@@ -136,6 +136,23 @@ def test_rerun_is_a_no_op(layout, tmp_path, capsys):
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rec").iterdir()}
 
 
+def test_a_scan_changed_in_place_is_noticed(layout, tmp_path):
+    """Same name, same size, other pixels: the records folder is out of date (the fingerprint hashes
+    the scans' contents, not their names and sizes)."""
+    root, _ = layout
+    path = _scan(root, "case1_day1", 2)
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    stored = [cv2.IMWRITE_PNG_COMPRESSION, 0]  # uncompressed: the file size depends on the image size only
+    assert cv2.imwrite(str(path), image, stored)
+    out = tmp_path / "rec"
+    _build(root, out)
+    size = path.stat().st_size
+    assert cv2.imwrite(str(path), np.ascontiguousarray(image[::-1]), stored)
+    assert path.stat().st_size == size
+    with pytest.raises(DataError, match=r"the input data \(train.csv or scan files\) changed"):
+        _build(root, out)
+
+
 def test_other_settings_refused_unless_overwrite(layout, tmp_path):
     root, table = layout
     out = tmp_path / "rec"
@@ -213,6 +230,14 @@ BAD_INPUTS = {
     "malformed rle": (
         lambda r: _set_rle(r, "case1_day2_slice_0004", "small_bowel", "5 x"),
         r"id 'case1_day2_slice_0004' class small_bowel: .*token 'x' is not an integer",
+        ["case1_day2_slice_0004"]),
+    "rle number past int64": (
+        lambda r: _set_rle(r, "case1_day2_slice_0003", "stomach", "99999999999999999999 2"),
+        r"id 'case1_day2_slice_0003' class stomach: .*token '99999999999999999999' is out of range",
+        ["case1_day2_slice_0003", "case1_day2"]),
+    "rle with non-ascii digits": (
+        lambda r: _set_rle(r, "case1_day2_slice_0004", "stomach", "\u0663 2"),
+        r"id 'case1_day2_slice_0004' class stomach: .*is not an integer",
         ["case1_day2_slice_0004"]),
     "gap in slices": (
         lambda r: _drop_slice(r, "case3_day1", 3),

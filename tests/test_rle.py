@@ -61,3 +61,39 @@ def test_empty_means_empty_mask(empty):
 def test_bad_rle_raises_naming_problem(text, message):
     with pytest.raises(ValueError, match=message):
         rle.decode(text, (3, 4))
+
+
+def reference_decode(text: str, shape):
+    """The RLE rules written plainly: ASCII integer pairs, starts >= 1, lengths >= 1, each run starting
+    after the previous one's end plus a gap, inside H x W. None where the text breaks a rule."""
+    tokens = text.split()
+    if len(tokens) % 2 or any(not t.lstrip("-").isascii() or not t.lstrip("-").isdigit() or t.count("-") > 1
+                              or ("-" in t and not t.startswith("-")) for t in tokens):
+        return None
+    numbers = [int(t) for t in tokens]
+    size = shape[0] * shape[1]
+    flat = np.zeros(size, np.uint8)
+    end = 0  # 1-based exclusive end of the previous run
+    for start, length in zip(numbers[0::2], numbers[1::2], strict=True):
+        if start < 1 or length < 1 or start <= end or start + length - 1 > size:
+            return None
+        flat[start - 1:start - 1 + length] = 1
+        end = start + length
+    return flat.reshape(shape)
+
+
+NUMBERS = st.one_of(st.integers(-3, 60), st.integers(-2**70, 2**70), st.sampled_from([2**63, 2**63 - 1, -2**63]))
+TOKENS = st.one_of(NUMBERS.map(str), st.sampled_from(["+5", "1.5", "\u0663", "\uff11", "1e3", "0x10", "--1", "", "-"]),
+                   st.text(max_size=4))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(TOKENS, max_size=8), st.sampled_from([" ", "  ", "\t", "\n"]))
+def test_every_string_is_decoded_exactly_or_refused(tokens, separator):
+    text = separator.join(tokens)
+    want = reference_decode(text, (6, 7)) if text.strip() else np.zeros((6, 7), np.uint8)
+    if want is None:
+        with pytest.raises(ValueError):
+            rle.decode(text, (6, 7))
+    else:
+        np.testing.assert_array_equal(rle.decode(text, (6, 7)), want)

@@ -101,5 +101,5 @@ def run(args) -> dict:
     figures["rest_masks_png_volume_kb"] = len(rest) / 1000
     one = png(slices=requests[1])
     figures["rest_serving_default_slice_kb"] = len(json.dumps({"predictions": [
-        {key: value[0].tolist() for key, value in one.items()}]})) / 1000
+        {key: value[0].numpy().tolist() for key, value in one.items()}]})) / 1000
     return figures

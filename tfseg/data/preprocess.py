@@ -14,25 +14,39 @@ PERCENTILE_SAMPLES = 1 << 18
 
 
 def percentiles(values, qs) -> tf.Tensor:
-    """Percentiles (numpy's linear interpolation) over ALL values of `values`; deterministic."""
+    """Percentiles (numpy's linear interpolation) of a strided subsample of `values`; deterministic.
+
+    For uint16 scans the order statistics come from a histogram of the 65,536 possible values (one
+    pass, exact); for other dtypes from top_k of the tail. Both give the same numbers.
+    """
     flat = tf.reshape(values, [-1])
     stride = tf.maximum(1, -(-tf.size(flat) // PERCENTILE_SAMPLES))
-    sample = tf.cast(tf.reshape(flat[::stride], [-1]), tf.float32)  # reshape keeps the rank known
+    sample = tf.reshape(flat[::stride], [-1])  # reshape keeps the rank known
     last = tf.size(sample) - 1
-    out = []
+    ranks = []
     for q in qs:
         pos = q / 100 * tf.cast(last, tf.float32)
         below = tf.cast(tf.floor(pos), tf.int32)
-        above = tf.minimum(below + 1, last)
-        # top_k of the tail instead of a full sort: clip percentiles sit near the ends, so k is small
-        if q <= 50:
-            ascending = -tf.math.top_k(-sample, above + 1).values
-            low, high = tf.gather(ascending, below), tf.gather(ascending, above)
-        else:
-            descending = tf.math.top_k(sample, last + 1 - below).values
-            low, high = tf.gather(descending, last - below), tf.gather(descending, last - above)
-        out.append(low + (high - low) * (pos - tf.floor(pos)))
-    return tf.stack(out)
+        ranks.append((pos, below, tf.minimum(below + 1, last)))
+    if values.dtype == tf.uint16:
+        # cumulative[v] = how many sample values are <= v; the value of rank r is the first v past r
+        cumulative = tf.cumsum(tf.math.bincount(tf.cast(sample, tf.int32), minlength=65536, maxlength=65536))
+        wanted = tf.stack([r for _, below, above in ranks for r in (below, above)])
+        found = tf.cast(tf.searchsorted(cumulative, wanted, side="right"), tf.float32)
+        pairs = [(found[2 * i], found[2 * i + 1]) for i in range(len(qs))]
+    else:
+        sample = tf.cast(sample, tf.float32)
+        pairs = []
+        for q, (_, below, above) in zip(qs, ranks, strict=True):
+            # top_k of the tail instead of a full sort: clip percentiles sit near the ends, so k is small
+            if q <= 50:
+                ascending = -tf.math.top_k(-sample, above + 1).values
+                pairs.append((tf.gather(ascending, below), tf.gather(ascending, above)))
+            else:
+                descending = tf.math.top_k(sample, last + 1 - below).values
+                pairs.append((tf.gather(descending, last - below), tf.gather(descending, last - above)))
+    return tf.stack([low + (high - low) * (pos - tf.floor(pos)) for (pos, _, _), (low, high) in zip(ranks, pairs,
+                                                                                                      strict=True)])
 
 
 def normalize(images, clip_percentiles) -> tf.Tensor:

@@ -5,8 +5,12 @@ Public and stable: other tools call `decode` and `encode`.
 """
 
 import math
+import re
 
 import numpy as np
+
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes other scripts' digits and "+1"
+_LARGEST = 2**40  # larger starts or lengths are refused before they reach int64 arithmetic
 
 
 def _is_empty(rle) -> bool:
@@ -20,8 +24,9 @@ def _is_empty(rle) -> bool:
 def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """RLE string -> uint8 0/1 mask of shape (H, W). Empty string, None or NaN -> empty mask.
 
-    Raises ValueError naming the problem for malformed input (odd token count, non-integer
-    token, start < 1, length < 1, unsorted/overlapping/touching runs, a run past H x W).
+    Raises ValueError naming the problem for malformed input (odd token count, a token that is not
+    an ASCII integer or is out of range, start < 1, length < 1, unsorted/overlapping/touching runs,
+    a run past H x W): any string is either decoded exactly or refused so.
     """
     height, width = (int(v) for v in shape)
     size = height * width
@@ -32,11 +37,12 @@ def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     tokens = rle.split()
     if len(tokens) % 2:
         raise ValueError(f"RLE has an odd number of tokens ({len(tokens)}): expected 'start length' pairs")
-    try:
-        values = np.array(tokens).astype(np.int64)
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-        raise ValueError(f"RLE token {bad!r} is not an integer") from None
+    if bad := next((t for t in tokens if not _INTEGER.fullmatch(t)), None):
+        raise ValueError(f"RLE token {bad!r} is not an integer")
+    if bad := next((t for t in tokens if len(t) > 14 or abs(int(t)) > _LARGEST), None):
+        raise ValueError(f"RLE token {bad[:30]!r}{'...' if len(bad) > 30 else ''} is out of range: no mask has "
+                         f"{_LARGEST} pixels")
+    values = np.array([int(t) for t in tokens], np.int64)
     starts, lengths = values[0::2], values[1::2]
     if (bad := np.flatnonzero(starts < 1)).size:
         raise ValueError(f"RLE start {starts[bad[0]]} (run {bad[0] + 1}) is < 1: starts are 1-based")

@@ -11,7 +11,8 @@ from tfseg.kaggle.index import scan_dataset
 
 
 def input_fingerprint(data_dir: Path) -> str:
-    """sha256 of train.csv plus the name and size of every scan file: cheap, and changes with the data."""
+    """sha256 over train.csv and the name and contents of every scan file: a scan rewritten in place
+    with the same size changes it too. Reading the scans costs seconds for the full data set."""
     digest = hashlib.sha256()
     csv_path = data_dir / "train.csv"
     if csv_path.exists():
@@ -21,7 +22,7 @@ def input_fingerprint(data_dir: Path) -> str:
         dirs.sort()
         for name in sorted(names):
             path = Path(root, name)
-            digest.update(f"{path.relative_to(data_dir)}\0{path.stat().st_size}\n".encode())
+            digest.update(f"{path.relative_to(data_dir)}\0{files.sha256(path)}\n".encode())
     return digest.hexdigest()
 
 

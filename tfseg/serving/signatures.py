@@ -14,7 +14,6 @@ import tensorflow as tf
 
 from tfseg import CLASSES
 from tfseg.config import Config
-from tfseg.data.context import centre_index
 from tfseg.data.preprocess import normalize, resize_images, restore_size
 from tfseg.evaluation.postprocess import Postprocess, slice_masks
 from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
@@ -32,14 +31,15 @@ def _check_all(ok, message: str):
     return tf.debugging.Assert(tf.reduce_all(ok), [message, "first failing [row, slot]:", first])
 
 
-def decode_slices(slices, num_context: int, centre: int):
-    """Check and decode a [N, K] string tensor of 16-bit greyscale PNGs.
+def decode_slices(slices, offsets):
+    """Check and decode a [N, K] string tensor of 16-bit greyscale PNGs (K = len(offsets)).
 
     Returns (distinct slices uint16 [U, H, W], index int32 [N, K] into them). Identical bytes decode
-    once: a whole volume's K-slice contexts then decode K times fewer PNGs, and percentiles over the
-    distinct slices are those of the volume, in slice order (the centre column is listed first), as
-    in training.
+    once: a whole volume's K-slice contexts then decode K times fewer PNGs. The distinct slices come
+    in slice order (row r, column c holds slice r + offsets[c], clamped), so the percentiles over them
+    are those training takes over the volume, whatever the offsets.
     """
+    num_context = len(offsets)
     shape = tf.shape(slices)
     # Padding makes every string long enough to slice the header from, so short junk fails our checks.
     head = tf.strings.substr(tf.strings.join([slices, tf.constant(b"\0" * HEADER_BYTES)]), 0, HEADER_BYTES)
@@ -61,9 +61,13 @@ def decode_slices(slices, num_context: int, centre: int):
                        "the slices of one request must all have the same width and height"),
         ]
     with tf.control_dependencies(checks):
-        order = tf.concat([slices[:, centre:centre + 1], slices], axis=1)  # centre column first
-        distinct, index = tf.unique(tf.reshape(order, [-1]))
-    index = tf.reshape(index, [shape[0], num_context + 1])[:, 1:]
+        distinct, flat_index = tf.unique(tf.reshape(slices, [-1]))
+    position = tf.clip_by_value(tf.range(shape[0])[:, None] + tf.constant(list(offsets), tf.int32)[None, :],
+                                0, shape[0] - 1)
+    first = tf.math.unsorted_segment_min(tf.reshape(position, [-1]), flat_index, tf.size(distinct))
+    order = tf.argsort(first, stable=True)
+    distinct = tf.gather(distinct, order)
+    index = tf.gather(tf.math.invert_permutation(order), tf.reshape(flat_index, [shape[0], num_context]))
     images = tf.map_fn(lambda png: tf.io.decode_png(png, channels=1, dtype=tf.uint16)[..., 0], distinct,
                        fn_output_signature=tf.TensorSpec([None, None], tf.uint16))
     return tf.ensure_shape(images, [None, None, None]), index
@@ -92,14 +96,13 @@ def serving_functions(models: list[keras.Model], config: Config, chunk: int = 16
     d = config.data
     height, width = d.image_size
     num_context = len(d.offsets)
-    centre = centre_index(d.offsets)
     post = Postprocess.from_config(config.train)
     predict = averaged(models, tta)
     with_presence = all(isinstance(m.output, dict) for m in models)
     num_classes = len(CLASSES)
 
     def predict_png(slices):
-        images, index = decode_slices(slices, num_context, centre)
+        images, index = decode_slices(slices, d.offsets)
         orig_hw = tf.unstack(tf.shape(images)[1:3])
         scans = normalize(images, d.clip_percentiles)
         scans = resize_images(scans[..., None], (height, width), d)[..., 0]
@@ -121,8 +124,8 @@ def serving_functions(models: list[keras.Model], config: Config, chunk: int = 16
         return {"probabilities": probabilities} | ({"presence": presence} if with_presence else {})
 
     signatures = {
-        SIGNATURE: (predict_png, [tf.TensorSpec([None, None], tf.string, name="slices")]),
-        MASKS_PNG: (predict_masks_png, [tf.TensorSpec([None, None], tf.string, name="slices")]),
+        SIGNATURE: (predict_png, [tf.TensorSpec([None, num_context], tf.string, name="slices")]),
+        MASKS_PNG: (predict_masks_png, [tf.TensorSpec([None, num_context], tf.string, name="slices")]),
         PREDICT_FLOAT: (predict_float, [tf.TensorSpec([None, height, width, num_context], tf.float32,
                                                         name="scans")]),
     }
