@@ -1,0 +1,50 @@
+"""Every `python -m tfseg.bench` command runs at a tiny size and writes its documented figures as a flat
+JSON object of numbers (the measurements themselves belong in the README, not in tests)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+# bench name -> (arguments at a tiny size, keys its JSON must hold)
+BENCHES = {
+    "records": (lambda d, r: ["--data-dir", str(d), "--limit-volumes", "4", "--folds", "2"],
+                {"slices_per_s_1", "slices_per_s_2", "speedup_2_vs_1", "full_dataset_minutes_2", "same_bytes_1_vs_2"}),
+    "data": (lambda d, r: ["--records", str(r), "--data-dir", str(d), "--batches", "3", "--batch-size", "4",
+                           "--shuffle-buffer", "8"],
+             {"pipeline_img_per_s", "no_aug_img_per_s", "notebook_loader_img_per_s", "speedup_vs_notebook",
+              "pipeline_cpu_ms_per_img", "notebook_cpu_ms_per_img", "pipeline_1core_img_per_s",
+              "pipeline_2core_img_per_s", "core_scaling"}),
+    "train": (lambda d, r: ["--records", str(r), "--config", SMOKE, "--steps", "2", "--warmup", "1",
+                            "--variants", "float32,xla"],
+              {"float32_pipeline_img_per_s", "float32_cached_img_per_s", "xla_pipeline_img_per_s",
+               "xla_cached_img_per_s", "xla_vs_float32_pipeline", "xla_vs_float32_cached"}),
+    "serve": (lambda d, r: ["--config", SMOKE, "--repeats", "1"],
+              {*(f"{kind}_{what}_{size}" for kind in ("png", "float", "keras")
+                 for what in ("latency_ms", "slices_per_s") for size in ("b1", "b8", "b32", "volume")),
+               "png_over_float_latency_b1", "png_over_float_latency_volume", "rest_masks_png_volume_kb",
+               "rest_serving_default_slice_kb"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BENCHES))
+def test_bench_writes_its_figures(name, synth_dir, records_dir, tmp_path):
+    arguments, keys = BENCHES[name]
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, "-m", "tfseg.bench", name, *arguments(synth_dir, records_dir),
+                           "--json", str(out)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert keys <= set(figures), sorted(keys - set(figures))
+    assert all(isinstance(v, int | float) for v in figures.values())
+    assert all(v > 0 for k, v in figures.items() if k in keys and not math.isnan(v))
+    assert f"{name} benchmark (" in done.stdout
