@@ -258,3 +258,11 @@ def test_compiled_model_saves_and_loads_loss_and_metrics(tmp_path):
     after = loaded.evaluate(PROBS, MASK, verbose=0, return_dict=True)
     assert after.keys() == before.keys()
     assert_allclose([after[k] for k in before], list(before.values()), rtol=1e-6)
+
+
+def test_batch_dice_from_sums_equals_the_batch_dice():
+    """What a replica computes from all-reduced sums equals the single-device batch Dice loss."""
+    loss = BceDiceLoss(batch_dice=True)
+    want = keras.ops.convert_to_numpy(loss.per_example(MASK, PROBS))
+    got = loss.per_example_with_sums(MASK, PROBS, loss.batch_sums(MASK, PROBS))
+    assert_allclose(keras.ops.convert_to_numpy(got), want, rtol=1e-6)

@@ -114,7 +114,7 @@ CHOICES = {
     "data.resize": ("resize", "pad_crop"),
     "data.interpolation": ("bilinear", "area"),
     "model.block": ("plain", "residual"),
-    "model.norm": ("batch", "group", "none"),
+    "model.norm": ("auto", "batch", "sync_batch", "group", "none"),
     "model.upsample": ("transpose", "resize"),
     "model.encoder": (None, "efficientnetv2b0", "efficientnetv2s", "efficientnetv2m", "efficientnetv2l",
                       "efficientnetb4", "efficientnetb5", "efficientnetb6", "efficientnetb7", "resnet50",

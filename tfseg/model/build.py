@@ -1,18 +1,32 @@
 """The model and loss a config asks for."""
 
 import keras
+import tensorflow as tf
 
 from tfseg import CLASSES
 from tfseg.config import Config
 from tfseg.model.losses import get_loss
 from tfseg.model.unet import build_unet
 
+# A replica's share of the batch at or below which auto synchronises batch norm across replicas:
+# statistics of a few slices are noisy, and unsynchronised they change with the replica count.
+SYNC_BELOW = 8
+
+
+def resolve_norm(norm: str, global_batch: int, replicas: int) -> str:
+    """`auto` -> sync_batch when there is more than one replica and each holds at most SYNC_BELOW
+    slices, else batch; other choices are kept."""
+    if norm != "auto":
+        return norm
+    return "sync_batch" if replicas > 1 and global_batch // replicas <= SYNC_BELOW else "batch"
+
 
 def build_model(config: Config) -> keras.Model:
     """The UNet of config.model for config.data's input (under the current dtype policy)."""
     m = config.model
+    norm = resolve_norm(m.norm, config.data.batch_size, tf.distribute.get_strategy().num_replicas_in_sync)
     return build_unet((*config.data.image_size, len(config.data.offsets)), len(CLASSES), depth=m.depth,
-                      base_filters=m.base_filters, block=m.block, norm=m.norm, dropout=m.dropout,
+                      base_filters=m.base_filters, block=m.block, norm=norm, dropout=m.dropout,
                       upsample=m.upsample, encoder=m.encoder, encoder_weights=m.encoder_weights,
                       presence_head=m.presence_head)
 

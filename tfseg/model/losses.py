@@ -84,8 +84,8 @@ class BceDiceLoss(_SegmentationLoss):
 
     batch_dice (nnU-Net's option of that name) scores the batch's pixels at once instead: false
     positives on a slice without the organ then cost Dice too (per example they only cost BCE, which
-    on a 128 x 128 slice is a tiny penalty). Under a strategy each replica scores its own part of the
-    global batch, so the loss then depends a little on the number of replicas.
+    on a 128 x 128 slice is a tiny penalty). Under a strategy the training steps all-reduce the batch's
+    sums (batch_sums, per_example_with_sums), so the loss is the global batch's for any replica count.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
@@ -103,6 +103,23 @@ class BceDiceLoss(_SegmentationLoss):
         dice = tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2)
         present = ops.cast(ops.sum(y_true, axis=list(range(1, len(y_true.shape) - 1))) > 0, "float32")
         return self.bce_weight * bce + self.dice_weight * ops.mean(present * (1.0 - dice), axis=-1)
+
+    def batch_sums(self, y_true, y_pred):
+        """[3, K]: sum over the batch of p * t, of p and of t per class, batch Dice's statistics (a
+        strategy all-reduces them so that every replica scores the global batch)."""
+        y_true, y_pred = as_float32(y_true, y_pred)
+        axes = list(range(len(y_pred.shape) - 1))
+        return ops.stack([ops.sum(y_true * y_pred, axis=axes), ops.sum(y_pred, axis=axes), ops.sum(y_true, axis=axes)])
+
+    def per_example_with_sums(self, y_true, y_pred, sums):
+        """per_example with the batch Dice term computed from `sums` (batch_sums of the global batch)."""
+        y_true, y_pred = as_float32(y_true, y_pred)
+        bce = _mean_per_example(binary_crossentropy(y_true, y_pred))
+        tp, predicted, true = ops.unstack(sums, num=3)
+        half = self.smooth / 2
+        dice = (tp + half) / (0.5 * (predicted + true) + half)  # the Tversky index with alpha = beta = 1/2
+        present = ops.cast(true > 0, "float32")
+        return self.bce_weight * bce + self.dice_weight * ops.mean(present * (1.0 - dice))
 
     def get_config(self):
         return {**super().get_config(), "batch_dice": self.batch_dice}

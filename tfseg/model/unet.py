@@ -11,7 +11,7 @@ from keras import layers
 from tfseg.errors import ConfigError
 
 BLOCKS = ("plain", "residual")
-NORMS = ("batch", "group", "none")
+NORMS = ("batch", "sync_batch", "group", "none")  # sync_batch: batch statistics over all replicas
 UPSAMPLES = ("transpose", "resize")
 # Where a backbone's feature lives: a layer name (its output), "NAME.input" (the input of layer NAME),
 # OUTPUT (the backbone's own output) or STRIDE2 (the backbone has no stride-2 feature: a conv tfseg adds).
@@ -275,8 +275,8 @@ def _load_backbone_weights(backbone: keras.Model, path: str, encoder: str, const
 
 
 def _norm(x, norm: str, name: str):
-    if norm == "batch":
-        return layers.BatchNormalization(momentum=BN_MOMENTUM, name=name)(x)
+    if norm in ("batch", "sync_batch"):
+        return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=norm == "sync_batch", name=name)(x)
     if norm == "group":
         return layers.GroupNormalization(groups=math.gcd(GROUPS, x.shape[-1]), name=name)(x)
     return x

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tfseg import CLASSES
 from tfseg.config import Config
-from tfseg.model.losses import per_example_loss, presence_loss, presence_targets
+from tfseg.model.losses import BceDiceLoss, per_example_loss, presence_loss, presence_targets
 from tfseg.model.metrics import DiceMetric, IoUMetric
 from tfseg.model.unet import split_outputs
 
@@ -27,9 +27,14 @@ class Steps:
         self.strategy, self.model, self.optimizer, self.loss = strategy, model, optimizer, loss
         self.global_batch, self.train_config = global_batch, config.train
         self.presence_weight = config.loss.presence_weight
+        # Batch Dice over the global batch: each replica all-reduces the batch's Dice sums inside its step.
+        self.global_dice = (isinstance(loss, BceDiceLoss) and loss.batch_dice
+                            and strategy.num_replicas_in_sync > 1)
         # XLA compiles the forward and backward pass of one replica; the cross-replica sum and the
-        # update stay outside it, so jit_compile works under every strategy.
-        self._gradients = tf.function(self._gradients_fn, jit_compile=True) if config.train.jit_compile \
+        # update stay outside it, so jit_compile works under every strategy. The global batch Dice's
+        # all-reduce sits inside the forward pass, where XLA cannot take it: that step runs without XLA.
+        self.jit_compile = config.train.jit_compile and not self.global_dice
+        self._gradients = tf.function(self._gradients_fn, jit_compile=True) if self.jit_compile \
             else self._gradients_fn
         self.train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step)
@@ -37,7 +42,7 @@ class Steps:
     def _gradients_fn(self, x, y):
         with tf.GradientTape() as tape:
             pred, presence = split_outputs(self.model(x, training=True))
-            per_example = per_example_loss(self.loss, y, pred)
+            per_example = self._per_example(y, pred)
             if presence is not None:
                 per_example += self.presence_weight * presence_loss(y, presence)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
@@ -45,6 +50,22 @@ class Steps:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
             scaled = self.optimizer.scale_loss(loss)  # the loss scale under mixed_float16, else loss
         return loss, tape.gradient(scaled, self.model.trainable_variables)
+
+    def _per_example(self, y, pred):
+        """The loss per example; with global batch Dice, from the all-reduced sums of the global batch.
+
+        The sums' value is the global one; their gradient is the replica's own part times the replica
+        count, since the loss averages over the global batch (a replica holds 1 / replicas of it) and
+        the replicas' gradients are summed: the step's gradient is then exactly the single-device one.
+        """
+        if not self.global_dice:
+            return per_example_loss(self.loss, y, pred)
+        context = tf.distribute.get_replica_context()
+        local = self.loss.batch_sums(y, pred)
+        total = context.all_reduce(SUM, tf.stop_gradient(local))
+        replicas = float(context.num_replicas_in_sync)
+        sums = tf.stop_gradient(total - replicas * local) + replicas * local
+        return self.loss.per_example_with_sums(y, pred, sums)
 
     def _replica_train(self, x, y):
         loss, grads = self._gradients(x, y)
@@ -68,7 +89,7 @@ class Steps:
         true positives, false positives, false negatives, true negatives (K each)]: one all-reduce."""
         pred, presence = split_outputs(self.model(x, training=False))
         y = tf.cast(y, tf.float32)
-        per_example = per_example_loss(self.loss, y, pred)
+        per_example = self._per_example(y, pred)
         if presence is not None:
             per_example += self.presence_weight * presence_loss(y, presence)
         true = tf.cast(y > 0.5, tf.float32)

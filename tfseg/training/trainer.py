@@ -12,7 +12,7 @@ from tfseg.config import Config
 from tfseg.data.pipeline import count_slices, eval_dataset, train_dataset
 from tfseg.errors import ConfigError
 from tfseg.layout import read_manifest
-from tfseg.model.build import build_loss, build_model
+from tfseg.model.build import build_loss, build_model, resolve_norm
 from tfseg.training import strategy as strategy_lib
 from tfseg.training.loop import Log, fit
 from tfseg.training.optimizer import make_optimizer
@@ -53,6 +53,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     resolved = copy.deepcopy(config)
     resolved.train.strategy = strategy_lib.resolve_name(t.strategy, t.tpu, t.cpu_replicas)
     resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind)
+    resolved.model.norm = resolve_norm(config.model.norm, config.data.batch_size, strategy.num_replicas_in_sync)
     chief = strategy_lib.is_chief(strategy)
     log = Log(chief, progress)
     folds = train_folds(config)
@@ -77,7 +78,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     try:
         keras.utils.set_random_seed(config.data.seed)
         with strategy.scope():
-            model = build_model(config)
+            model = build_model(resolved)
             optimizer = make_optimizer(t, steps_per_epoch, precision)
             optimizer.build(model.trainable_variables)
             loss = build_loss(config)
