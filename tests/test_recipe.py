@@ -258,6 +258,10 @@ def test_presence_head_trains_and_logs_presence_metrics(records_dir, tmp_path):
         assert 0 <= row[f"val_presence_f1_{c}"] <= 1 and 0 <= row[f"val_presence_accuracy_{c}"] <= 1
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert "val_presence_f1" in history.columns
+    from tfseg.evaluation.scoring import evaluate_run
+
+    summary, _ = evaluate_run(tmp_path / "run", progress=False)  # gated, and the same pass without gating
+    assert 0 <= summary["score"] <= 1 and 0 <= summary["ungated_score"] <= 1
     out = tmp_path / "models" / "1"
     assert export.main(["--run", str(tmp_path / "run"), "--out", str(out)]) == 0
     signature = tf.saved_model.load(str(out)).signatures["predict_float"]

@@ -22,6 +22,9 @@ def format_table(summary: dict) -> str:
                      f"{summary['score' + suffix]:>8.4f}{summary['empty_score' + suffix]:>8.4f}"
                      f"   {summary['organ3d_score' + suffix]:>9.4f}{summary['organ3d_dice' + suffix]:>8.4f}"
                      f"{summary['organ3d_hausdorff' + suffix]:>11.4f}")
+    if "ungated_score" in summary:
+        lines.append(f"{'no gating':<14}{summary['ungated_dice']:>8.4f}{summary['ungated_hausdorff']:>11.4f}"
+                     f"{summary['ungated_score']:>8.4f}   (the same masks without empty-slice gating)")
     lines.append(f"{volumes} volume(s). score = 0.4 x dice + 0.6 x (1 - hausdorff), the leaderboard's: 2D Dice per "
                  f"slice and class (rows empty in both: {summary.get('dice_empty_rows', 'skip')}), 3D Hausdorff per "
                  f"case-day ({summary.get('hausdorff_classes', 'joined')} classes) in the unit cube; per class, the "
@@ -77,6 +80,8 @@ def pipeline_summary(run_dir: str | Path, model=None, submission=None, overlays=
              f"per-organ 3D    {summary['organ3d_score']:.4f}  (dice {summary['organ3d_dice']:.4f}, hausdorff "
              f"{summary['organ3d_hausdorff']:.4f})",
              f"all-empty prediction would score {summary['empty_score']:.4f}"]
+    if "ungated_score" in summary:
+        lines.insert(3, f"without empty-slice gating {summary['ungated_score']:.4f}")
     outputs = [("run folder (config, history.csv, checkpoints)", run.path),
                ("training curves (loss, per-class Dice)", run.curves),
                ("evaluation report", run.eval_dir),

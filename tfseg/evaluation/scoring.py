@@ -5,6 +5,7 @@ Every volume of the chosen folds is predicted, taken back to its scans' original
 the score of an all-empty prediction is reported beside it: what a model that finds nothing gets.
 """
 
+import dataclasses
 from pathlib import Path
 
 from tqdm import tqdm
@@ -38,6 +39,9 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
     post = post or Postprocess.from_config(config.train)
     truths = read_volumes(config.data.records, folds)  # the same records, in the same order
     scores, rows = metric.Scores(empty_dice=empty_dice, hausdorff=hausdorff), []
+    # With gating (a presence head, or the pixel rule) the same pass also scores the masks without it.
+    ungated = metric.Scores(empty_dice=empty_dice, hausdorff=hausdorff)
+    no_gating = dataclasses.replace(post, min_pixels=0)
     total = count_volumes(config.data.records, folds)
     if limit is not None:
         total = limit if total is None else min(total, limit)
@@ -48,6 +52,8 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
             raise DataError(f"{config.data.records}: evaluation stream and records disagree "
                             f"({case_day} vs {truth['case_day']})")
         pred = post.masks(probabilities, presence)
+        if presence is not None or post.min_pixels > 0:
+            ungated.add(case_day, no_gating.masks(probabilities), truth["mask"])
         rows.append(scores.add(case_day, pred, truth["mask"])
                     | {"depth": pred.shape[0], "height": pred.shape[1], "width": pred.shape[2]})
         bar.update()
@@ -59,6 +65,9 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
         raise DataError(f"{config.data.records}: no volumes in fold(s) {list(folds)}")
     summary = scores.summary()
     summary = {"num_volumes": summary.pop("volumes"), **summary, **post.to_info(), "folds": [int(f) for f in folds]}
+    if ungated.board:
+        without = ungated.summary()
+        summary |= {f"ungated_{k}": without[k] for k in ("score", "dice", "hausdorff")}
     return rows, summary
 
 
