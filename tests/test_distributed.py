@@ -62,6 +62,30 @@ if sys.argv[3] != "-":  # the whole command under mirrored: distributed input pi
 print("RESULT " + json.dumps(out))
 """
 
+SUMMING = """
+import json
+import keras
+import tensorflow as tf
+from tfseg.training import strategy
+
+strategy.split_cpu(2)
+two = strategy.make_strategy("mirrored", cpu_replicas=2)
+with two.scope():
+    weight = keras.Variable([0.0])
+    sgd = keras.optimizers.SGD(learning_rate=1.0)
+    sgd.build([weight])
+
+@tf.function
+def step():
+    def replica():
+        grad = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group + 1, tf.float32)
+        sgd.apply([tf.reshape(grad, [1])], [weight])
+    two.run(replica)
+
+step()
+print("RESULT " + json.dumps(float(weight.numpy()[0])))
+"""
+
 WORKER = """
 import sys
 import numpy as np
@@ -158,6 +182,17 @@ def test_two_mirrored_replicas_match_one(records_dir, tmp_path):
             assert same_weights(out[name]), name
     assert np.isfinite(out["fit"]["loss"]) and 0 <= out["fit"]["val_dice"] <= 1
     assert "2 replicas" in proc.stdout
+
+
+@pytest.mark.slow
+def test_keras_optimizer_sums_replica_gradients():
+    """The training step all-reduces the gradients itself (so clipping sees the full gradient) and divides
+    by the replica count before optimizer.apply, because Keras' TF optimizer sums them again across
+    replicas. If a Keras upgrade changed that (mean, or no aggregation), updates would silently shrink
+    or grow: here replica gradients 1 and 2 under SGD(1.0) must move the weight by -(1 + 2)."""
+    proc = run_python(SUMMING)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("RESULT ", 1)[1]) == -3.0
 
 
 def test_auto_norm_synchronises_small_replica_batches():
