@@ -54,6 +54,7 @@ for variant, overrides in json.loads(sys.argv[4]).items():
         weights = [w.tolist() for w in model.get_weights()]  # after two steps
         losses += [float(steps.train_step(batches)) for _ in range(2)]
         out[variant][name] = {"replicas": s.num_replicas_in_sync, "losses": losses, "weights": weights}
+    out[variant]["init"] = [w.tolist() for w in init]
 if sys.argv[3] != "-":  # the whole command under mirrored: distributed input pipeline and validation
     config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=mirrored",
                                        "train.cpu_replicas=2", "train.epochs=1", "train.steps_per_epoch=2",
@@ -137,29 +138,35 @@ def test_bad_tf_config_is_a_config_error(monkeypatch):
         strategy.make_strategy("multiworker")
 
 
-def same_losses(result: dict) -> bool:
-    """One device and two replicas: the same loss at every step (each computed with the weights the
-    previous updates left, so equal losses mean equal updates)."""
+def same_losses(result: dict, rtol: float) -> bool:
+    """One device and two replicas: the same loss at each of the four steps, each computed with the
+    weights the previous updates left (so equal losses mean equal updates)."""
     one, two = result["one"], result["two"]
     assert (one["replicas"], two["replicas"]) == (1, 2)
     assert one["losses"][1] != one["losses"][0]  # the weights did move
-    return np.allclose(two["losses"], one["losses"], rtol=1e-5, atol=0)
+    return np.allclose(two["losses"], one["losses"], rtol=rtol, atol=0)
 
 
 def same_weights(result: dict) -> bool:
-    """Within 2e-4 after two Adam steps of lr 0.02 (smoke.yaml): 1% of one step. Float32 sums in another
-    order change a gradient by ~1e-7 relative, and Adam scales a near-zero gradient's noise up to a step."""
-    return all(np.allclose(np.array(b), np.array(a), atol=2e-4)
-               for a, b in zip(result["one"]["weights"], result["two"]["weights"], strict=True))
+    """After two Adam steps the two runs' weights differ by under 0.1% of how far the steps moved them
+    (as a norm over all weights). Per weight no tight bound holds: float32 sums in another order change
+    a gradient by ~1e-7 relative, and Adam turns the noise of a near-zero gradient into a full step."""
+    init = [np.array(w) for w in result["init"]]
+    one, two = ([np.array(w) for w in result[k]["weights"]] for k in ("one", "two"))
+    moved = np.sqrt(sum(np.sum((a - w0) ** 2) for a, w0 in zip(one, init, strict=True)))
+    apart = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(one, two, strict=True)))
+    return apart < 1e-3 * moved
 
 
-# variant -> (config overrides, whether 2 replicas must take the steps 1 device takes at the same global batch,
-# whether to compare weights too)
+# variant -> (config overrides, loss tolerance, whether 2 replicas must take the steps 1 device takes at
+# the same global batch, whether to compare weights too). Group norm agrees to 1e-7 in the losses;
+# synchronised batch norm to ~1e-5 (its variance is E[x^2] - E[x]^2 in float32, summed in another
+# order, and Adam grows the difference over the steps), so 5e-4; plain batch norm differs by 5e-3 or more.
 VARIANTS = {
-    "group norm, per-slice Dice": (["model.norm=group", "loss.batch_dice=false"], True, True),
-    "group norm, batch Dice": (["model.norm=group", "loss.batch_dice=true"], True, True),  # all-reduced Dice sums
-    "sync batch norm, batch Dice": (["model.norm=sync_batch", "loss.batch_dice=true"], True, False),
-    "batch norm, batch Dice": (["model.norm=batch", "loss.batch_dice=true"], False, False),  # per-replica stats
+    "group norm, per-slice Dice": (["model.norm=group", "loss.batch_dice=false"], 1e-5, True, True),
+    "group norm, batch Dice": (["model.norm=group", "loss.batch_dice=true"], 1e-5, True, True),  # all-reduced sums
+    "sync batch norm, batch Dice": (["model.norm=sync_batch", "loss.batch_dice=true"], 5e-4, True, False),
+    "batch norm, batch Dice": (["model.norm=batch", "loss.batch_dice=true"], 5e-4, False, False),  # per replica
 }
 
 
@@ -168,16 +175,15 @@ def test_two_mirrored_replicas_match_one(records_dir, tmp_path):
     """Same initial weights, same global batch of 4: two replicas of 2 take the step one device takes
     (gradients averaged over the global batch and clipped by the full gradient's norm), with batch
     Dice over the global batch and with synchronised batch norm; plain batch norm does not (each
-    replica normalises its own 2 slices: its losses differ by ~1e-3 relative), which shows the
-    comparison can fail. Losses at four steps to 1e-5 relative: float32 sums in another order. Weights
-    (see same_weights) only for group norm: behind batch norm some kernel gradients are nearly zero and
-    Adam turns their float noise into lr-sized steps, so equal losses are the check there."""
-    variants = {name: overrides for name, (overrides, _, _) in VARIANTS.items()}
+    replica normalises its own 2 slices), which shows the comparison can fail. Tolerances: see
+    same_losses and same_weights; weights only for group norm, since behind batch norm some kernel
+    gradients are nearly zero and Adam turns their float noise into lr-sized steps."""
+    variants = {name: overrides for name, (overrides, _, _, _) in VARIANTS.items()}
     proc = run_python(MIRRORED, SMOKE, records_dir, tmp_path / "run", json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    for name, (_, equal, weights) in VARIANTS.items():
-        assert same_losses(out[name]) == equal, name
+    for name, (_, rtol, equal, weights) in VARIANTS.items():
+        assert same_losses(out[name], rtol) == equal, name
         if weights:
             assert same_weights(out[name]), name
     assert np.isfinite(out["fit"]["loss"]) and 0 <= out["fit"]["val_dice"] <= 1
