@@ -219,7 +219,7 @@ def leaderboard_volume(pred, true, *, empty_dice: str = "skip") -> dict:
         counted = ~np.isnan(dice[:, c])
         row |= {f"dice_sum_{name}": float(dice[counted, c].sum()), f"dice_rows_{name}": int(counted.sum()),
                 f"hausdorff_{name}": unit_hausdorff(pred[..., c], true[..., c])}
-    return row | _scores([row], "joined", prefix="")
+    return row | _scores([row], "joined")
 
 
 def _nanmean(values) -> float:
@@ -228,7 +228,7 @@ def _nanmean(values) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def _scores(rows: list[dict], hausdorff: str, prefix: str) -> dict:
+def _scores(rows: list[dict], hausdorff: str) -> dict:
     """Leaderboard averages over `rows` (leaderboard_volume results): overall and per class."""
     out = {}
     rows_total = sum(r[f"dice_rows_{c}"] for r in rows for c in CLASSES)
@@ -243,7 +243,7 @@ def _scores(rows: list[dict], hausdorff: str, prefix: str) -> dict:
         out[f"dice_{c}"] = sum(r[f"dice_sum_{c}"] for r in rows) / counted if counted else math.nan
         out[f"hausdorff_{c}"] = _nanmean(r[f"hausdorff_{c}"] for r in rows)
         out[f"score_{c}"] = 0.4 * out[f"dice_{c}"] + 0.6 * (1 - out[f"hausdorff_{c}"])
-    return {f"{prefix}{k}": v for k, v in out.items()}
+    return out
 
 
 def leaderboard_summary(rows: list[dict], *, hausdorff: str = "joined") -> dict:
@@ -254,7 +254,7 @@ def leaderboard_summary(rows: list[dict], *, hausdorff: str = "joined") -> dict:
     _check_readings("skip", hausdorff)
     if not rows:
         raise ValueError("leaderboard_summary needs at least one scored volume, got none")
-    return {"volumes": len(rows)} | _scores(rows, hausdorff, prefix="")
+    return {"volumes": len(rows)} | _scores(rows, hausdorff)
 
 
 # ---- what tfseg reports ------------------------------------------------------------------------
@@ -287,10 +287,8 @@ class Scores:
         """Leaderboard averages (score, dice, hausdorff, per class), organ3d_* averages, empty_score(s)."""
         if not self.board:
             raise ValueError("no case-day scored")
-        board = leaderboard_summary(self.board, hausdorff=self.hausdorff)
         empty = leaderboard_summary(self.empty, hausdorff=self.hausdorff)
-        organ = summarize(self.organ)
-        return (board | {ORGAN3D + k: v for k, v in organ.items() if k != "volumes"}
+        return (_with_organ3d(leaderboard_summary(self.board, hausdorff=self.hausdorff), self.organ)
                 | {"empty_score": empty["score"], **{f"empty_score_{c}": empty[f"score_{c}"] for c in CLASSES}}
                 | {"dice_empty_rows": self.empty_dice, "hausdorff_classes": self.hausdorff})
 
@@ -298,6 +296,10 @@ class Scores:
 def combine_rows(rows: list[dict], *, hausdorff: str = "joined") -> dict:
     """The leaderboard and organ3d_* summary of per-volume rows (Scores.add results, e.g. read back from
     several folds' per_volume.csv): what the competitors compared out of fold."""
-    board = leaderboard_summary(rows, hausdorff=hausdorff)
-    organ = summarize([{k.removeprefix(ORGAN3D): v for k, v in r.items() if k.startswith(ORGAN3D)} for r in rows])
-    return board | {ORGAN3D + k: v for k, v in organ.items() if k != "volumes"}
+    organ = [{k.removeprefix(ORGAN3D): v for k, v in r.items() if k.startswith(ORGAN3D)} for r in rows]
+    return _with_organ3d(leaderboard_summary(rows, hausdorff=hausdorff), organ)
+
+
+def _with_organ3d(board: dict, organ_rows: list[dict]) -> dict:
+    """A leaderboard summary with the per-organ 3D metric's averages (score_volume rows) beside it."""
+    return board | {ORGAN3D + k: v for k, v in summarize(organ_rows).items() if k != "volumes"}
