@@ -1,6 +1,7 @@
 """Augmentation: scan and mask get the same geometry, masks stay 0/1, seeds make it repeatable."""
 
 import dataclasses
+import statistics
 
 import numpy as np
 import pytest
@@ -98,8 +99,11 @@ def test_switched_off_is_identity(config):
 
 
 def volume_intensity(config, seed=(3, 4)):
-    volume = tf.constant(np.linspace(0, 1, 4 * 20 * 30, dtype=np.float32).reshape(4, 20, 30))
-    return volume.numpy(), augment.augment_volume(volume, config, tf.constant(seed, tf.int64)).numpy()
+    """A ramp volume in [0, 1] and its augmented copy, through the uint16 form the pipeline keeps."""
+    volume = augment.quantize(np.linspace(0, 1, 4 * 20 * 30, dtype=np.float32).reshape(4, 20, 30))
+    out = augment.augment_volume(volume, config, tf.constant(seed, tf.int64))
+    assert out.dtype == tf.uint16
+    return volume.numpy() / augment.QUANT, out.numpy() / augment.QUANT
 
 
 def test_volume_intensity_is_seeded_and_stays_in_range():
@@ -109,7 +113,7 @@ def test_volume_intensity_is_seeded_and_stays_in_range():
     _, c = volume_intensity(config, seed=(3, 5))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
+    assert a.min() >= 0 and a.max() <= 1
     assert np.array_equal(volume_intensity(AugmentConfig(enabled=False))[1], volume)
 
 
@@ -126,3 +130,20 @@ def test_noise_has_the_configured_spread():
     volume, out = volume_intensity(AugmentConfig(**off, noise_std=0.02))
     inner = (volume > 0.1) & (volume < 0.9)  # away from the clip at 0 and 1
     assert abs(np.std(out[inner] - volume[inner]) - 0.02) < 0.002
+
+
+def test_table_noise_is_standard_normal():
+    index = augment.gaussian_noise_index(tf.constant([400, 501]), tf.constant([5, 6], tf.int64))
+    noise = np.asarray(augment._normal_table())[index.numpy()].ravel()
+    assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
+    qs = [0.001, 0.025, 0.16, 0.5, 0.84, 0.975, 0.999]
+    normal = [statistics.NormalDist().inv_cdf(q) for q in qs]
+    np.testing.assert_allclose(np.quantile(noise, qs), normal, atol=0.03)
+    assert len(np.unique(index.numpy())) > 60000  # all 16 bits are random, not a few repeated values
+
+
+def test_packed_masks_round_trip():
+    masks = (np.random.default_rng(0).random((2, 5, 7, 3)) < 0.5).astype(np.uint8)
+    packed = augment.pack_masks(masks)
+    assert packed.shape == (2, 5, 7, 1) and packed.dtype == tf.uint8
+    np.testing.assert_array_equal(augment.unpack_masks(packed, tf.uint8).numpy(), masks)

@@ -19,6 +19,9 @@ BAD_OVERRIDES = [
     ("train.precision=float64", "train.precision"),
     ("train.learning_rate=-1", "train.learning_rate"),
     ("train.jit_compile=maybe", "train.jit_compile"),
+    ("train.jit_compile=1", "train.jit_compile"),
+    ("data.cache=disk", "data.cache"),
+    ("augment.device=gpu", "augment.device"),
     ("train.steps_per_epoch=0", "train.steps_per_epoch"),
     ("data.image_size=[100,100]", "data.image_size"),
     ("data.image_size=[64]", "data.image_size"),
@@ -96,7 +99,8 @@ def test_shipped_configs_exist():
 def test_flags_override_the_config_file():
     args = train.parse_args(["--config", "configs/smoke.yaml", "--records", "123", "--val-folds", "0,2",
                              "--epochs", "7", "--strategy", "mirrored", "--precision", "float32",
-                             "--cpu-replicas", "2", "--jit-compile", "--tpu", "local", "--profile-batches", "3,5",
+                             "--cpu-replicas", "2", "--jit-compile", "true", "--tpu", "local",
+                             "--profile-batches", "3,5",
                              "--set", "train.epochs=2", "--set", "model.base_filters=4"])
     config = load_config(CONFIGS[0], [*args.set, *train.flag_overrides(args)])
     d, t = config.data, config.train

@@ -1,6 +1,8 @@
 """Input pipeline: 2.5D channels, resizing, sharding, determinism, keep_empty, evaluation reassembly."""
 
+import dataclasses
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -9,7 +11,7 @@ import tensorflow as tf
 
 from tfseg import layout
 from tfseg.config import AugmentConfig, Config, DataConfig
-from tfseg.data import context, preprocess
+from tfseg.data import augment, context, preprocess
 from tfseg.data import pipeline as data
 from tfseg.kaggle import scans
 from tfseg.records import features, reader
@@ -146,13 +148,56 @@ def test_training_stream_resizes_and_keeps_masks_binary(tiny_records, mode):
         assert 0 <= x.min() and x.max() <= 1
 
 
-def test_training_and_evaluation_preprocess_alike(tiny_records):
-    config = make_config(tiny_records, image_size=(48, 56))  # a real resize; augmentation off
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_training_and_evaluation_preprocess_alike(tiny_records, cache):
+    config = make_config(tiny_records, image_size=(48, 56), cache=cache)  # a real resize; augmentation off
     evaluated = [(image, mask) for b in data.eval_dataset(config, [0, 1], batch_size=16)
                  for image, mask in zip(b["image"].numpy(), b["mask"].numpy(), strict=True)]
     for x, y in batches(data.train_dataset(config, [0, 1]), 4):
         for image, mask in zip(x, y, strict=True):
             assert any(np.array_equal(mask, m) and np.allclose(image, i, atol=1e-4) for i, m in evaluated)
+
+
+FULL_AUGMENT = AugmentConfig(flip_vertical=True, grid_distortion=0.05, dropout_holes=2)
+
+
+def test_accelerator_mode_yields_what_the_step_augments_into_the_host_batches(tiny_records):
+    """augment.device: accelerator hands the step (uint16 scans, packed masks, seed); finish_batch there
+    gives exactly the batches the host mode yields for the same seed."""
+    config = make_config(tiny_records, seed=3, keep_empty=0.5)
+    config.augment = FULL_AUGMENT
+    host = batches(data.train_dataset(config, folds=[0, 1]), 5)
+    config.augment = dataclasses.replace(FULL_AUGMENT, device="accelerator")
+    raw = batches(data.train_dataset(config, folds=[0, 1]), 5)
+    assert raw[0][0].dtype == np.uint16 and raw[0][1].shape == (4, 40, 48, 1) and raw[0][2].shape == (2,)
+    for (x, y), (image, packed, seed) in zip(host, raw, strict=True):
+        fx, fy = augment.finish_batch(image, packed, seed, config.augment)
+        np.testing.assert_allclose(fx.numpy(), x, atol=1e-6)
+        np.testing.assert_array_equal(fy.numpy(), y)
+    assert not np.array_equal(host[0][0], raw[0][0] / augment.QUANT)  # the host batches were augmented
+
+
+@pytest.mark.parametrize("cache, survives", [("memory", True), ("none", False)])
+def test_memory_cache_reads_the_records_once(tiny_records, tmp_path, cache, survives):
+    """With data.cache: memory the stream goes on after the record files are gone (read once, then served
+    from RAM); without it the next epoch needs them again."""
+    root = tmp_path / "records"
+    shutil.copytree(tiny_records, root)
+    config = make_config(root, cache=cache)
+    stream = iter(data.train_dataset(config, folds=[0, 1]))
+    per_epoch = 8 * DEPTH // 4
+    for _ in range(per_epoch + 4):  # past the first epoch
+        next(stream)
+    for shard in root.glob("*.tfrecord"):
+        shard.unlink()
+    try:
+        seen = [next(stream) for _ in range(3 * per_epoch)]
+    except tf.errors.NotFoundError:
+        seen = None
+    assert (seen is not None) == survives
+    if survives:  # still every volume
+        ids = {volume_id(m) for _, y in seen for m in y.numpy() if m[..., 0].any()}
+        assert ids == set(range(8))
 
 
 def test_input_pipelines_read_disjoint_files_and_together_all(tiny_records):

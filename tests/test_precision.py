@@ -9,6 +9,7 @@ import tensorflow as tf
 from tfseg.config import load_config
 from tfseg.data.pipeline import train_dataset
 from tfseg.model.build import build_loss, build_model
+from tfseg.training import strategy
 from tfseg.training.optimizer import make_optimizer
 from tfseg.training.steps import Steps
 
@@ -101,3 +102,19 @@ def test_clipping_acts_on_the_unscaled_gradient(records_dir, batch):
         norms[precision] = float(tf.linalg.global_norm([tf.cast(m, tf.float32) for m in first])) / (1 - inner.beta_1)
     assert norms["float32"] == pytest.approx(1e-3, rel=1e-3)
     assert norms["mixed_float16"] == pytest.approx(1e-3, rel=1e-2)
+
+
+# (train.jit_compile, device kind, resolved precision) -> XLA on?
+JIT_RULES = [
+    ("auto", "cpu", "float32", True),  # e.g. AVX2-only EPYC: XLA fuses the thin UNet's small ops (README)
+    ("auto", "cpu", "mixed_bfloat16", False),  # bf16 CPUs: XLA's CPU convolutions skip oneDNN's bf16 kernels
+    ("auto", "gpu", "mixed_float16", True),
+    ("auto", "tpu", "mixed_bfloat16", True),
+    (True, "cpu", "mixed_bfloat16", True),  # explicit choices are kept
+    (False, "gpu", "mixed_float16", False),
+]
+
+
+@pytest.mark.parametrize("jit, kind, precision, expected", JIT_RULES)
+def test_auto_jit_compile_follows_the_device_and_precision(jit, kind, precision, expected):
+    assert strategy.resolve_jit_compile(jit, kind, precision) is expected

@@ -30,12 +30,14 @@ class DataConfig:
     shuffle_buffer: int = 1024  # slices
     batch_size: int = 16  # global batch size (all replicas)
     deterministic: bool = False  # fixed order and seeds: same batches every run
+    cache: str = "none"  # none | memory: keep the decoded, resized volumes in RAM after the first epoch
     seed: int = 0
 
 
 @dataclass
 class AugmentConfig:
     enabled: bool = True
+    device: str = "host"  # host | accelerator: geometry and dropout in the input pipeline or in the train step
     flip_horizontal: bool = False  # off: the organs lie on fixed sides of the body (stomach on the left)
     flip_vertical: bool = False
     rotation_degrees: float = 15.0
@@ -90,7 +92,7 @@ class TrainConfig:
     strategy: str = "auto"  # auto | default | one_device | mirrored | multiworker | tpu
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: training.strategy)
     cpu_replicas: int = 0  # >0: split the CPU into this many logical devices (tests, mirrored)
-    jit_compile: bool = False
+    jit_compile: bool | str = False  # true | false | auto (XLA where it pays off: training.strategy)
     tpu: str | None = None
     image_log_every: int = 5  # epochs between validation images in TensorBoard (0: never)
     profile_batches: str | None = None  # e.g. "10,20": capture a TensorBoard profile
@@ -113,6 +115,8 @@ class Config:
 CHOICES = {
     "data.resize": ("resize", "pad_crop"),
     "data.interpolation": ("bilinear", "area"),
+    "data.cache": ("none", "memory"),
+    "augment.device": ("host", "accelerator"),
     "model.block": ("plain", "residual"),
     "model.norm": ("auto", "batch", "sync_batch", "group", "none"),
     "model.upsample": ("transpose", "resize"),
@@ -123,6 +127,7 @@ CHOICES = {
     "train.optimizer": ("adamw", "adam"),
     "train.strategy": ("auto", "default", "one_device", "mirrored", "multiworker", "tpu"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "train.jit_compile": (True, False, "auto"),
 }
 
 
@@ -132,8 +137,13 @@ def _coerce(value, hint, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        for hint in inner[:-1]:  # the first type that takes the value (bool | str: true, false or a word)
+            try:
+                return _coerce(value, hint, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split()]

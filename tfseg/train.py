@@ -30,7 +30,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
         if value is not None and value is not False:
-            out.append(f"{key}={json.dumps(value)}")
+            out.append(f"{key}={value if flag == 'jit_compile' else json.dumps(value)}")
     return out
 
 
@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "else float32 (train.precision)")
     parser.add_argument("--cpu-replicas", type=int, metavar="N",
                         help="split the CPU into N logical devices and mirror over them (tests; train.cpu_replicas)")
-    parser.add_argument("--jit-compile", action="store_true",
-                        help="compile the forward and backward pass with XLA (train.jit_compile)")
+    parser.add_argument("--jit-compile", choices=("true", "false", "auto"), type=str.lower,
+                        help="compile the forward and backward pass with XLA; auto: where it is faster for "
+                             "the CPU or accelerator found (train.jit_compile)")
     parser.add_argument("--tpu", metavar="NAME", help="TPU name or 'local' (train.tpu; default: $TPU_NAME)")
     parser.add_argument("--profile-batches", metavar="START,STOP",
                         help="capture a TensorBoard profile of these steps, e.g. 10,20 (train.profile_batches)")

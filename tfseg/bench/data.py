@@ -1,10 +1,14 @@
-"""Input pipeline speed: images/s of tfseg.data (with and without augmentation) against the loader of
-public Kaggle notebooks, at 256 x 256 with 3-channel 2.5D input, and its scaling from one to two cores.
-CPU milliseconds per image are reported too: they stay comparable when other work shares the cores.
+"""Input pipeline speed, for sizing a machine: images/s and CPU ms per image at 256 x 256, 3-channel
+2.5D input, full augmentation, on 1 and on 2 cores, for
 
-The notebook loader is the usual Python generator: per sample it looks the neighbour slices up in a
-pandas table, reads their PNGs with cv2, decodes the sample's RLEs from train.csv (pandas lookups per
-sample), resizes, flips and cv2.warpAffine's, and stacks batches in numpy.
+- decode: reading the records and decoding the scan and mask PNGs, nothing else (the floor);
+- host: the whole training pipeline, augmentation included (augment.device: host);
+- cached: the same with data.cache: memory, after the first epoch filled the cache;
+- device_aug: augment.device: accelerator, the host's part only (the step augments on the device);
+- a notebook-style loader (single process, cv2, three PNG decodes per 2.5D sample, the sample's RLEs
+  decoded per sample), written as fast as cv2 and numpy allow;
+
+and the CPU ms per image of each pipeline stage on one thread (the `stage_*` figures).
 """
 
 import dataclasses
@@ -28,7 +32,9 @@ SIZE = 256
 OFFSETS = (-2, 0, 2)
 # Every augmentation on, grid distortion and coarse dropout included: the slowest training setting.
 FULL_AUGMENT = AugmentConfig(grid_distortion=0.03, dropout_holes=2)
+MODES = ("decode", "host", "cached", "device_aug")
 WARMUP_VOLUMES = 6  # volumes' worth of batches after the shuffle buffer is full, before timing
+STAGE_VOLUMES = 4  # volumes the per-stage profile runs on
 
 
 def add_arguments(parser) -> None:
@@ -58,123 +64,240 @@ def _inputs(args) -> tuple[Path, Path]:
     return data_dir, records_dir
 
 
-def _config(records_dir, batch_size: int, shuffle_buffer: int, augment: bool) -> Config:
+def _config(records_dir, batch_size: int, shuffle_buffer: int, mode: str = "host") -> Config:
     data = DataConfig(records=str(records_dir), image_size=(SIZE, SIZE), offsets=OFFSETS, batch_size=batch_size,
-                      shuffle_buffer=shuffle_buffer)
-    return Config(data=data, augment=dataclasses.replace(FULL_AUGMENT, enabled=augment))
+                      shuffle_buffer=shuffle_buffer, cache="memory" if mode == "cached" else "none")
+    device = "accelerator" if mode == "device_aug" else "host"
+    return Config(data=data, augment=dataclasses.replace(FULL_AUGMENT, device=device))
 
 
-def _rate(batches, count: int, warmup: int) -> tuple[float, float]:
-    """(images/s, CPU ms of this process per image) over `count` batches of an iterable of (x, y)
-    batches, after `warmup` batches. CPU time per image stays comparable on a busy machine."""
+def _rate(batches, count: int, warmup: int, size=lambda batch: len(batch[0])) -> tuple[float, float]:
+    """(images/s, CPU ms of this process per image) over `count` elements of an iterable, after `warmup`
+    elements; `size` counts the images of one element. CPU time stays comparable on a busy machine."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
     start, cpu, images = time.perf_counter(), time.process_time(), 0
     for _ in range(count):
-        images += len(next(it)[0])
+        images += int(size(next(it)))
     return images / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / images
 
 
-def pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: int, augment: bool = True,
-                  cores: int | None = None) -> tuple[float, float]:
-    """tfseg.data.train_dataset's (images/s, CPU ms per image); with `cores`, pinned to that many cores
-    (call it in a fresh process: TensorFlow sizes its thread pools from the CPU affinity when it starts)."""
-    if cores is not None:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+def _pin(cores: int) -> None:
+    """Limit this (fresh) process to `cores` cores before TensorFlow sizes its thread pools."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+    cv2.setNumThreads(cores)
     import tensorflow as tf
 
-    from tfseg.data.pipeline import train_dataset
+    tf.config.threading.set_intra_op_parallelism_threads(cores)
+    tf.config.threading.set_inter_op_parallelism_threads(cores)
 
-    if cores is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(cores)
-        tf.config.threading.set_inter_op_parallelism_threads(cores)
-    ds = train_dataset(_config(records_dir, batch_size, shuffle_buffer, augment), folds=None)
-    if cores is not None:
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = cores
-        ds = ds.with_options(options)
+
+def _decode_rate(records_dir, batches: int, batch_size: int, cores: int) -> tuple[float, float]:
+    """Slices/s of reading the records and decoding their scan and mask PNGs (the pipeline's floor)."""
+    import tensorflow as tf
+
+    from tfseg.records import features
+
+    ds = tf.data.TFRecordDataset(shard_files(records_dir)).repeat()
+
+    def decode(serialized):  # the values are used, so no decode can be pruned away
+        volume = features.decode_volume(serialized)
+        return tf.shape(volume["image"])[0], volume["image"][-1, -1, -1], volume["mask"][-1, -1, -1]
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    options.threading.max_intra_op_parallelism = 1
+    volumes = math.ceil(batches * batch_size / 144)
+    return _rate(ds.with_options(options), volumes, warmup=2, size=lambda decoded: decoded[0])
+
+
+def _pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: int, mode: str,
+                   cores: int) -> tuple[float, float]:
+    """tfseg.data.train_dataset's (images/s, CPU ms per image) in one mode."""
+    import tensorflow as tf
+
+    from tfseg.data.pipeline import count_slices, train_dataset
+
+    ds = train_dataset(_config(records_dir, batch_size, shuffle_buffer, mode), folds=None)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = cores
+    ds = ds.with_options(options)
     # Warm-up fills the shuffle buffer, then drains the volumes decoded ahead meanwhile (timing them
-    # would flatter the pipeline) and lets autotune settle: only then does the clock start.
-    return _rate(ds, batches, warmup=math.ceil(shuffle_buffer / batch_size) + WARMUP_VOLUMES * 144 // batch_size)
+    # would flatter the pipeline) and lets autotune settle: only then does the clock start. The cached
+    # mode first reads one whole epoch, which fills the cache.
+    warmup = math.ceil(shuffle_buffer / batch_size) + WARMUP_VOLUMES * 144 // batch_size
+    if mode == "cached":
+        warmup += math.ceil(count_slices(records_dir, None) / batch_size)
+    return _rate(ds, batches, warmup=warmup)
+
+
+def _timed(fn, inputs: list[tuple]) -> tuple[float, list[tuple]]:
+    """(least CPU seconds of two passes of tf.function(fn) over inputs, the outputs as tuples)."""
+    import tensorflow as tf
+
+    fn = tf.function(fn)
+    for x in inputs[:2]:
+        fn(*x)  # trace and compile outside the clock
+    passes = []
+    for _ in range(2):
+        cpu = time.process_time()
+        outputs = [fn(*x) for x in inputs]
+        passes.append(time.process_time() - cpu)
+    return min(passes), [o if isinstance(o, tuple | list) else (o,) for o in outputs]
+
+
+def stage_costs(records_dir, batch_size: int) -> dict:
+    """CPU ms per image of each pipeline stage on one thread, each stage timed alone (as a tf.function) on
+    the previous stage's outputs for STAGE_VOLUMES volumes. Run it in a process pinned to one core."""
+    import tensorflow as tf
+
+    from tfseg.data import augment, pipeline
+    from tfseg.data.preprocess import normalize
+    from tfseg.records import features
+
+    config = _config(records_dir, batch_size, 1)
+    data, aug = config.data, config.augment
+    cpu = time.process_time()
+    records = [(r,) for r in tf.data.TFRecordDataset(shard_files(records_dir)).take(STAGE_VOLUMES)]
+    read = time.process_time() - cpu
+    images = sum(int(tf.size(features.parse_volume(r)["slices"])) for r, in records)
+    seconds = {"read": read}
+
+    def stage(name, fn, inputs):
+        seconds[name], outputs = _timed(fn, inputs)
+        return outputs
+
+    stage("parse", lambda s: features.parse_volume(s)["slices"], records)
+    volumes = stage("decode", lambda s: (lambda v: (v["image"], v["mask"]))(features.decode_volume(s)), records)
+    seconds["decode"] -= seconds["parse"]  # decode_volume parses first
+    volumes = stage("normalize", lambda i, m: (normalize(i, data.clip_percentiles)[..., None], m), volumes)
+    volumes = stage("pack_masks", lambda i, m: (i, augment.pack_masks(m)), volumes)
+    volumes = stage("resize", lambda i, m: pipeline._fit_volume(i, m, data), volumes)
+    volumes = stage("quantize", lambda i, m: (augment.quantize(i[..., 0]), m), volumes)
+    seed = tf.constant([1, 2], tf.int64)
+    volumes = stage("intensity_augment", lambda i, m: (augment.augment_volume(i, aug, seed), m), volumes)
+    volumes = stage("context", lambda i, m: (pipeline._context(i, OFFSETS), m), volumes)
+    costs = {name: value * 1000 / images for name, value in seconds.items()}
+
+    slices = [(i[k], m[k]) for i, m in volumes for k in range(len(i))]
+    pad = lambda t: tf.pad(t, [[16, 16], [16, 16], [0, 0]])  # pad_crop only: a 288 px slice cut to 256
+    padded = [(pad(i), pad(m)) for i, m in slices[:64]]
+    costs["crop"] = _timed(lambda i, m: pipeline._random_crop(0, i, m, (SIZE, SIZE), 0, 0), padded)[0] * 1000 / 64
+    ds = tf.data.Dataset.from_tensor_slices(tuple(tf.stack(t) for t in zip(*slices, strict=True)))
+    ds = ds.shuffle(data.shuffle_buffer, seed=0).batch(batch_size, drop_remainder=True)
+    cpu = time.process_time()
+    batches = [(i, m, seed) for i, m in ds]
+    costs["batch"] = (time.process_time() - cpu) * 1000 / images
+    count = len(batches) * batch_size
+    finish = lambda config: _timed(lambda i, m, s: augment.finish_batch(i, m, s, config), batches)[0] * 1000 / count
+    plain = finish(dataclasses.replace(aug, enabled=False))
+    geometric = finish(dataclasses.replace(aug, dropout_holes=0))
+    costs |= {"to_float": plain, "geometric_augment": geometric - plain, "dropout": finish(aug) - geometric}
+    return costs
+
+
+def measure(records_dir, batches: int, batch_size: int, shuffle_buffer: int, cores: int) -> dict:
+    """Every mode on `cores` cores, plus the stage profile on one: call it in a fresh process."""
+    _pin(cores)
+    out = {}
+    if cores == 1:
+        out |= {f"stage_{name}_cpu_ms": value for name, value in stage_costs(records_dir, batch_size).items()}
+    for mode in MODES:
+        if mode == "decode":
+            rate, cpu = _decode_rate(records_dir, batches, batch_size, cores)
+        else:
+            rate, cpu = _pipeline_rate(records_dir, batches, batch_size, shuffle_buffer, mode, cores)
+        out[f"{mode}_img_per_s_{cores}core"], out[f"{mode}_cpu_ms_per_img_{cores}core"] = rate, cpu
+    return out
 
 
 class NotebookLoader:
-    """The public-notebook loader (2.5D, flips + shift/scale/rotate), written the way notebooks do."""
+    """A public-notebook loader (2.5D, flip + shift/scale/rotate), as fast as cv2 and numpy make it: every
+    lookup is a dict built once; per sample it still reads three PNGs and decodes the slice's RLEs, as
+    those loaders do, and cv2 does the resizing and warping."""
 
     def __init__(self, data_dir, batch_size: int, seed: int = 0):
         data_dir = Path(data_dir)
-        self.labels = pd.read_csv(data_dir / "train.csv", keep_default_na=False)
-        scans = pd.DataFrame({"path": sorted(str(p) for p in data_dir.glob("train/*/*/scans/*.png"))})
-        scans["case_day"] = scans["path"].map(lambda p: Path(p).parts[-3])
-        parts = scans["path"].map(lambda p: Path(p).name.split("_"))  # slice_SSSS_W_H_pw_ph.png
-        scans["slice"] = parts.map(lambda f: int(f[1]))
-        scans["height"], scans["width"] = parts.map(lambda f: int(f[3])), parts.map(lambda f: int(f[2]))
-        scans["id"] = scans["case_day"] + "_slice_" + scans["slice"].map("{:04d}".format)
-        scans["depth"] = scans.groupby("case_day")["slice"].transform("max")
-        self.scans, self.batch_size = scans, batch_size
-        self.rng = np.random.default_rng(seed)
+        labels = pd.read_csv(data_dir / "train.csv", keep_default_na=False)
+        self.rles = {(i, c): s for i, c, s in zip(labels["id"], labels["class"], labels["segmentation"], strict=True)}
+        self.paths, self.depth, self.samples = {}, {}, []
+        for path in sorted(data_dir.glob("train/*/*/scans/*.png")):
+            case_day, fields = path.parts[-3], path.name.split("_")  # slice_SSSS_W_H_pw_ph.png
+            number, width, height = int(fields[1]), int(fields[2]), int(fields[3])
+            self.paths[case_day, number] = str(path)
+            self.depth[case_day] = max(self.depth.get(case_day, 0), number)
+            self.samples.append((case_day, number, height, width))
+        self.batch_size, self.rng = batch_size, np.random.default_rng(seed)
 
-    def load_image(self, row) -> np.ndarray:
+    def image(self, case_day: str, number: int) -> np.ndarray:
         channels = []
         for offset in OFFSETS:
-            s = min(max(row["slice"] + offset, 1), row["depth"])
-            match = self.scans[(self.scans["case_day"] == row["case_day"]) & (self.scans["slice"] == s)]
-            img = cv2.imread(match["path"].iloc[0], cv2.IMREAD_UNCHANGED).astype(np.float32)
-            img = (img - img.min()) / (img.max() - img.min() + 1e-6)
-            channels.append(cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
-        return np.stack(channels, axis=-1)
+            s = min(max(number + offset, 1), self.depth[case_day])
+            channels.append(cv2.imread(self.paths[case_day, s], cv2.IMREAD_UNCHANGED))
+        img = cv2.merge(channels).astype(np.float32)
+        low, high = float(img.min()), float(img.max())
+        img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+        return (img - low) * (1 / (high - low + 1e-6))
 
-    def load_mask(self, slice_id: str, shape) -> np.ndarray:
-        rows = self.labels[self.labels["id"] == slice_id]
-        masks = [rle.decode(rows.loc[rows["class"] == c, "segmentation"].iloc[0], shape) for c in CLASSES]
-        return cv2.resize(np.stack(masks, axis=-1), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
+    def mask(self, case_day: str, number: int, shape) -> np.ndarray:
+        slice_id = f"{case_day}_slice_{number:04d}"
+        masks = cv2.merge([rle.decode(self.rles[slice_id, c], shape) for c in CLASSES])
+        return cv2.resize(masks, (SIZE, SIZE), interpolation=cv2.INTER_NEAREST)
 
     def augment(self, img: np.ndarray, msk: np.ndarray):
-        if self.rng.random() < 0.5:
-            img, msk = np.flip(img, axis=1), np.flip(msk, axis=1)
         angle, scale = self.rng.uniform(-15, 15), self.rng.uniform(0.9, 1.1)
         matrix = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), angle, scale)
         matrix[:, 2] += self.rng.uniform(-0.0625, 0.0625, 2) * SIZE
-        img = cv2.warpAffine(np.ascontiguousarray(img), matrix, (SIZE, SIZE), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT)
-        msk = cv2.warpAffine(np.ascontiguousarray(msk), matrix, (SIZE, SIZE), flags=cv2.INTER_NEAREST,
-                             borderMode=cv2.BORDER_CONSTANT)
+        if self.rng.random() < 0.5:  # the flip folded into the one warp
+            matrix[0] = -matrix[0]
+            matrix[0, 2] += SIZE - 1
+        img = cv2.warpAffine(img, matrix, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        msk = cv2.warpAffine(msk, matrix, (SIZE, SIZE), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
         return img, msk
 
     def __iter__(self):
         while True:
-            order = self.rng.permutation(len(self.scans))
+            order = self.rng.permutation(len(self.samples))
             for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-                images, masks = [], []
-                for i in order[start:start + self.batch_size]:
-                    row = self.scans.iloc[i]
-                    img = self.load_image(row)
-                    msk = self.load_mask(row["id"], (row["height"], row["width"]))
-                    img, msk = self.augment(img, msk)
-                    images.append(img)
-                    masks.append(msk)
-                yield np.stack(images).astype(np.float32), np.stack(masks).astype(np.float32)
+                images = np.empty((self.batch_size, SIZE, SIZE, len(OFFSETS)), np.float32)
+                masks = np.empty((self.batch_size, SIZE, SIZE, len(CLASSES)), np.uint8)
+                for k, i in enumerate(order[start:start + self.batch_size]):
+                    case_day, number, height, width = self.samples[i]
+                    images[k], masks[k] = self.augment(self.image(case_day, number),
+                                                       self.mask(case_day, number, (height, width)))
+                yield images, masks
+
+
+def _per_core(figures: dict, mode: str, cores: int) -> float:
+    return figures.get(f"{mode}_img_per_s_{cores}core", math.nan) / cores
 
 
 def run(args) -> dict:
     data_dir, records_dir = _inputs(args)
     shard_files(records_dir)  # fails early and clearly on an incomplete folder
-    common = (records_dir, args.batches, args.batch_size, args.shuffle_buffer)
     # The notebook loader first, before any tf.data threads exist in this process. It buffers nothing,
     # so a third of the batches give its steady rate.
     notebook, notebook_cpu = _rate(NotebookLoader(data_dir, args.batch_size), max(1, args.batches // 3), warmup=2)
-    pipeline, pipeline_cpu = pipeline_rate(*common, augment=True)
-    figures = {"pipeline_img_per_s": pipeline, "no_aug_img_per_s": pipeline_rate(*common, augment=False)[0],
-               "notebook_loader_img_per_s": notebook, "speedup_vs_notebook": pipeline / notebook,
-               "pipeline_cpu_ms_per_img": pipeline_cpu, "notebook_cpu_ms_per_img": notebook_cpu}
-    # Core scaling: a fresh process per setting, pinned before TensorFlow starts its thread pools.
+    figures = {"notebook_img_per_s": notebook, "notebook_cpu_ms_per_img": notebook_cpu}
+    # A fresh process per core count, pinned before TensorFlow starts its thread pools.
     for cores in (1, 2):
-        key = f"pipeline_{cores}core_img_per_s"
         if cores > len(os.sched_getaffinity(0)):
-            figures[key] = math.nan
+            figures |= {f"{mode}_{what}_{cores}core": math.nan
+                        for mode in MODES for what in ("img_per_s", "cpu_ms_per_img")}
             continue
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            figures[key] = pool.submit(pipeline_rate, *common, cores=cores).result()[0]
-    figures["core_scaling"] = figures["pipeline_2core_img_per_s"] / figures["pipeline_1core_img_per_s"]
+            figures |= pool.submit(measure, records_dir, args.batches, args.batch_size, args.shuffle_buffer,
+                                   cores).result()
+    for mode in MODES:
+        figures[f"{mode}_core_scaling"] = figures[f"{mode}_img_per_s_2core"] / figures[f"{mode}_img_per_s_1core"]
+    decode = _per_core(figures, "decode", 1)
+    figures |= {
+        "host_vs_notebook": figures["host_img_per_s_2core"] / notebook,
+        "cached_vs_notebook": figures["cached_img_per_s_2core"] / notebook,
+        "host_per_core_vs_decode": _per_core(figures, "host", 2) / decode,
+        "cached_per_core_vs_decode": _per_core(figures, "cached", 2) / decode,
+        "device_aug_per_core_vs_decode": _per_core(figures, "device_aug", 2) / decode,
+    }
     return figures

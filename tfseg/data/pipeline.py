@@ -17,7 +17,7 @@ from tfseg.records import features, reader
 
 AUTOTUNE = tf.data.AUTOTUNE
 VOLUME_CYCLE = 4  # volumes whose slices alternate before the shuffle buffer (memory: ~4 volumes)
-QUANT = 65535.0  # scans in [0, 1] <-> uint16
+CACHED_VOLUME_SHUFFLE = 64  # data.cache: memory: volumes shuffled per epoch after the cache
 STAGE_KEEP, STAGE_CROP, STAGE_AUGMENT, STAGE_INTENSITY = 1, 2, 3, 4  # independent random streams per pipeline stage
 
 
@@ -29,11 +29,9 @@ def _seed(base: int, stage: int, pipeline: int, index) -> tf.Tensor:
         tf.constant([base, stage + 16 * pipeline], tf.int64), tf.cast(index, tf.int64))
 
 
-@tf.function(jit_compile=True)  # XLA interleaves the channels ~4x faster than tf.stack on CPU
-def _quantized_context(volume, offsets):
-    """[D, H, W] in [0, 1] -> 2.5D uint16 [D, H, W, C]: scans wait in the shuffle buffer at half the
-    bytes of float32, exact to 1e-5, and the stack moves half the bytes."""
-    return context_stack(tf.cast(volume * QUANT + 0.5, tf.uint16), offsets)  # >= 0: truncation rounds
+@tf.function(jit_compile=True)  # XLA interleaves the channels ~3x faster than tf.stack on CPU
+def _context(volume, offsets):
+    return context_stack(volume, offsets)
 
 
 @tf.function(jit_compile=True)  # XLA's nearest resize is ~3x TensorFlow's on CPU; same result
@@ -52,6 +50,15 @@ def _fit_volume(image, mask, data: DataConfig):
     return resize_images(image, data.image_size, data), _resize_nearest(mask, tuple(data.image_size))
 
 
+def _prepare_volume(serialized, data: DataConfig):
+    """One record -> the work done once per volume (and kept by data.cache): the normalised, resized
+    scans quantised to uint16 [D, h, w] and the packed masks uint8 [D, h, w, 1]."""
+    ex = features.decode_volume(serialized)
+    image, mask = _fit_volume(normalize(ex["image"], data.clip_percentiles)[..., None],
+                              augment.pack_masks(ex["mask"]), data)
+    return augment.quantize(image[..., 0]), mask
+
+
 def _drop_empty(image, mask, keep_empty: float, seed):
     """Keep every slice with an organ and a random `keep_empty` share of the others."""
     if keep_empty >= 1:
@@ -61,27 +68,25 @@ def _drop_empty(image, mask, keep_empty: float, seed):
     return tf.boolean_mask(image, keep), tf.boolean_mask(mask, keep)
 
 
-def _train_volume(index, serialized, config: Config, base: int, pipeline: int):
-    """One record -> the volume's kept slices: uint16-quantised scans [K, h, w, C], masks [K, h, w, 3]."""
-    data = config.data
-    ex = features.decode_volume(serialized)
-    image, mask = _fit_volume(normalize(ex["image"], data.clip_percentiles)[..., None], ex["mask"], data)
-    image = augment.augment_volume(image[..., 0], config.augment, _seed(base, STAGE_INTENSITY, pipeline, index))
-    image = _quantized_context(image, tuple(data.offsets))
-    return _drop_empty(image, mask, data.keep_empty, _seed(base, STAGE_KEEP, pipeline, index))
+def _epoch_volume(index, image, mask, config: Config, base: int, pipeline: int):
+    """A prepared volume -> this epoch's kept slices: 2.5D uint16 scans [K, h, w, C] with this epoch's
+    intensity draw, packed masks [K, h, w, 1]."""
+    image = augment.augment_volume(image, config.augment, _seed(base, STAGE_INTENSITY, pipeline, index))
+    image = _context(image, tuple(config.data.offsets))
+    return _drop_empty(image, mask, config.data.keep_empty, _seed(base, STAGE_KEEP, pipeline, index))
 
 
 def _random_crop(index, image, mask, size, base: int, pipeline: int):
     """Train-time pad_crop: one random window, the same for the scan channels and the mask."""
-    both = tf.concat([image, tf.cast(mask, tf.uint16)], axis=-1)
-    both = tf.image.stateless_random_crop(both, [size[0], size[1], tf.shape(both)[-1]],
-                                          _seed(base, STAGE_CROP, pipeline, index))
-    channels = tf.shape(image)[-1]
-    return both[..., :channels], tf.cast(both[..., channels:], tf.uint8)
+    room = tf.shape(image)[:2] - tf.constant(size)
+    corner = tf.random.stateless_uniform([2], _seed(base, STAGE_CROP, pipeline, index), maxval=tf.int32.max,
+                                         dtype=tf.int32) % (room + 1)
+    return (tf.slice(image, tf.concat([corner, [0]], 0), [size[0], size[1], -1]),
+            tf.slice(mask, tf.concat([corner, [0]], 0), [size[0], size[1], -1]))
 
 
 def _volume_records(files: list[str], data: DataConfig, input_context, base: int) -> tf.data.Dataset:
-    """Serialized volumes, forever: files shuffled and (per input pipeline) sharded, read interleaved."""
+    """Serialized volumes, one pass: files (per input pipeline) sharded and shuffled, read interleaved."""
     pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline = input_context.input_pipeline_id if input_context else 0
     if pipelines > 1 and len(files) < pipelines:
@@ -91,11 +96,12 @@ def _volume_records(files: list[str], data: DataConfig, input_context, base: int
                       "each pipeline reads all files and keeps every "
                       f"{pipelines}-th volume. Write more, smaller shards (make_records --shard-mb).",
                       stacklevel=3)
-        return tf.data.TFRecordDataset(files).shard(pipelines, pipeline).repeat()
+        return tf.data.TFRecordDataset(files).shard(pipelines, pipeline)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if pipelines > 1:
         ds = ds.shard(pipelines, pipeline)
-    ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
+    # A cached stream is read once, in one shuffled order; otherwise every epoch reshuffles the files.
+    ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=data.cache == "none")
     return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1,
                          num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
 
@@ -117,8 +123,12 @@ def _options(deterministic: bool, sharded_here: bool) -> tf.data.Options:
 
 def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputContext | None = None,
                   global_batch_size: int | None = None) -> tf.data.Dataset:
-    """Endless (x, y) batches: x float32 [B, h, w, C] in [0, 1], y float32 [B, h, w, 3] of 0/1, with B
-    the per-replica batch of `input_context` (or the global batch without one)."""
+    """Endless training batches with B the per-replica batch of `input_context` (or the global batch).
+
+    augment.device host: (x, y), x float32 [B, h, w, C] in [0, 1], y float32 [B, h, w, 3] of 0/1.
+    augment.device accelerator: (scans uint16 [B, h, w, C], packed masks uint8 [B, h, w, 1], seed int64
+    [2]), which augment.finish_batch turns into the same (x, y) inside the train step.
+    """
     data = config.data
     files = reader.shard_files(data.records, folds)
     global_batch = global_batch_size or data.batch_size
@@ -128,8 +138,12 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
     base = data.seed if data.deterministic else random.SystemRandom().randrange(2**31)
     channels, height, width = len(data.offsets), *data.image_size
 
-    ds = _volume_records(files, data, input_context, base).enumerate()
-    ds = ds.map(lambda i, s: _train_volume(i, s, config, base, pipeline), num_parallel_calls=AUTOTUNE,
+    ds = _volume_records(files, data, input_context, base)
+    ds = ds.map(lambda s: _prepare_volume(s, data), num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
+    if data.cache == "memory":
+        ds = ds.cache().shuffle(CACHED_VOLUME_SHUFFLE, seed=base + pipeline, reshuffle_each_iteration=True)
+    ds = ds.repeat().enumerate()
+    ds = ds.map(lambda i, volume: _epoch_volume(i, *volume, config, base, pipeline), num_parallel_calls=AUTOTUNE,
                 deterministic=data.deterministic)
     # Cut volumes into slices, alternating between a few volumes, then shuffle slices across volumes.
     ds = ds.interleave(lambda image, mask: tf.data.Dataset.from_tensor_slices((image, mask)),
@@ -140,14 +154,15 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
     ds = ds.shuffle(data.shuffle_buffer, seed=base + pipeline, reshuffle_each_iteration=True)
     ds = ds.batch(batch, drop_remainder=True)
 
-    def finish(index, batch_xy):
+    def batch_seed(index, batch_xy):
         image, mask = batch_xy
-        x = tf.ensure_shape(tf.cast(image, tf.float32) / QUANT, [batch, height, width, channels])
-        y = tf.ensure_shape(mask, [batch, height, width, 3])  # uint8 through augmentation: fewer bytes
-        x, y = augment.augment_batch(x, y, config.augment, _seed(base, STAGE_AUGMENT, pipeline, index))
-        return x, tf.cast(y, tf.float32)
+        image = tf.ensure_shape(image, [batch, height, width, channels])
+        return image, tf.ensure_shape(mask, [batch, height, width, 1]), _seed(base, STAGE_AUGMENT, pipeline, index)
 
-    ds = ds.enumerate().map(finish, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
+    ds = ds.enumerate().map(batch_seed)
+    if config.augment.device == "host":
+        ds = ds.map(lambda image, mask, seed: augment.finish_batch(image, mask, seed, config.augment),
+                    num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
     return ds.prefetch(AUTOTUNE).with_options(_options(data.deterministic, input_context is not None))
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from tfseg import CLASSES
 from tfseg.config import Config
+from tfseg.data.augment import finish_batch
 from tfseg.model.losses import BceDiceLoss, per_example_loss, presence_loss, presence_targets
 from tfseg.model.metrics import DiceMetric, IoUMetric
 from tfseg.model.unet import split_outputs
@@ -27,6 +28,7 @@ class Steps:
         self.strategy, self.model, self.optimizer, self.loss = strategy, model, optimizer, loss
         self.global_batch, self.train_config = global_batch, config.train
         self.presence_weight = config.loss.presence_weight
+        self.augment = config.augment if config.augment.device == "accelerator" else None
         # Batch Dice over the global batch: each replica all-reduces the batch's Dice sums inside its step.
         self.global_dice = (isinstance(loss, BceDiceLoss) and loss.batch_dice
                             and strategy.num_replicas_in_sync > 1)
@@ -67,7 +69,10 @@ class Steps:
         sums = tf.stop_gradient(total - replicas * local) + replicas * local
         return self.loss.per_example_with_sums(y, pred, sums)
 
-    def _replica_train(self, x, y):
+    def _replica_train(self, *batch):
+        # augment.device accelerator: the batch arrives as the pipeline holds it and is augmented here,
+        # on the replica's device, outside the XLA-compiled pass (its warp is compiled on its own).
+        x, y = finish_batch(*batch, self.augment) if self.augment else batch
         loss, grads = self._gradients(x, y)
         context = tf.distribute.get_replica_context()
         # Sum once here so that clipping (and the loss-scale finite check) sees the full-batch
@@ -81,8 +86,8 @@ class Steps:
         return loss
 
     def _train_step(self, iterator):
-        x, y = next(iterator)
-        return self.strategy.reduce(SUM, self.strategy.run(self._replica_train, args=(x, y)), axis=None)
+        batch = next(iterator)
+        return self.strategy.reduce(SUM, self.strategy.run(self._replica_train, args=batch), axis=None)
 
     def _replica_eval(self, x, y):
         """[loss sum, examples, intersection (K), predicted (K), true (K), and with a presence head its

@@ -167,3 +167,13 @@ def write_dir(run_dir: Path, strategy: tf.distribute.Strategy) -> Path:
 def remove_write_dir(path: Path, run_dir: Path) -> None:
     if Path(path) != Path(run_dir):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_jit_compile(jit_compile: bool | str, kind: str, precision: str) -> bool:
+    """`auto` -> XLA on TPUs (always compiled) and GPUs (Keras' own auto choice), and on CPUs only in
+    float32: XLA's CPU backend lowers convolutions without oneDNN, so it speeds up a float32 UNet on
+    CPUs without native bf16 but slows down mixed_bfloat16 on those with it (README: benchmarks).
+    Explicit true / false are kept."""
+    if jit_compile != "auto":
+        return bool(jit_compile)
+    return kind in ("tpu", "gpu") or precision == "float32"

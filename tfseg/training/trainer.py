@@ -53,6 +53,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     resolved = copy.deepcopy(config)
     resolved.train.strategy = strategy_lib.resolve_name(t.strategy, t.tpu, t.cpu_replicas)
     resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind)
+    resolved.train.jit_compile = strategy_lib.resolve_jit_compile(t.jit_compile, kind, precision)
     resolved.model.norm = resolve_norm(config.model.norm, config.data.batch_size, strategy.num_replicas_in_sync)
     chief = strategy_lib.is_chief(strategy)
     log = Log(chief, progress)
@@ -64,7 +65,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     steps_per_epoch = t.steps_per_epoch or max(1, count_slices(config.data.records, folds,
                                                                     config.data.keep_empty) // batch)
     log(f"strategy {resolved.train.strategy} ({strategy.num_replicas_in_sync} replicas on {kind}), precision "
-        f"{precision}{', XLA' if t.jit_compile else ''}; train folds {folds}, validation folds "
+        f"{precision}{', XLA' if resolved.train.jit_compile else ''}; train folds {folds}, validation folds "
         f"{list(config.data.val_folds)}; {steps_per_epoch} steps of {batch} per epoch; run folder {run_dir}")
 
     def val_pairs(context: tf.distribute.InputContext | None = None):
@@ -88,7 +89,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
             lambda context: train_dataset(config, folds, input_context=context, global_batch_size=batch))
         val_data = strategy.distribute_datasets_from_function(val_pairs)
         images = validation_images(val_pairs()) if chief and t.image_log_every else (None, None)
-        history = fit(strategy=strategy, model=model, optimizer=optimizer, loss=loss, config=config,
+        history = fit(strategy=strategy, model=model, optimizer=optimizer, loss=loss, config=resolved,
                       train_data=train_data, val_data=val_data, image_data=images,
                       steps_per_epoch=steps_per_epoch, run_dir=run_dir, write_dir=write_dir, chief=chief,
                       resume=resume, log=log)
