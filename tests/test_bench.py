@@ -19,9 +19,15 @@ BENCHES = {
                 {"slices_per_s_1", "slices_per_s_2", "speedup_2_vs_1", "full_dataset_minutes_2", "same_bytes_1_vs_2"}),
     "data": (lambda d, r: ["--records", str(r), "--data-dir", str(d), "--batches", "3", "--batch-size", "4",
                            "--shuffle-buffer", "8"],
-             {"pipeline_img_per_s", "no_aug_img_per_s", "notebook_loader_img_per_s", "speedup_vs_notebook",
-              "pipeline_cpu_ms_per_img", "notebook_cpu_ms_per_img", "pipeline_1core_img_per_s",
-              "pipeline_2core_img_per_s", "core_scaling"}),
+             {*(f"{mode}_{what}_{cores}core" for mode in ("decode", "host", "cached", "device_aug")
+                for what in ("img_per_s", "cpu_ms_per_img") for cores in (1, 2)),
+              *(f"{mode}_core_scaling" for mode in ("decode", "host", "cached", "device_aug")),
+              "notebook_img_per_s", "notebook_cpu_ms_per_img",
+              *(f"{mode}_vs_{other}" for mode in ("host", "cached", "device_aug")
+                for other in ("notebook", "decode_1core", "decode_2core")),
+              *(f"stage_{name}_cpu_ms" for name in ("read", "parse", "decode", "normalize", "pack_masks", "resize",
+                                                    "quantize", "intensity_augment", "context", "crop", "batch",
+                                                    "to_float", "geometric_augment"))}),
     "train": (lambda d, r: ["--records", str(r), "--config", SMOKE, "--steps", "2", "--warmup", "1",
                             "--variants", "float32,xla"],
               {"float32_pipeline_img_per_s", "float32_cached_img_per_s", "xla_pipeline_img_per_s",

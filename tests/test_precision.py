@@ -104,17 +104,19 @@ def test_clipping_acts_on_the_unscaled_gradient(records_dir, batch):
     assert norms["mixed_float16"] == pytest.approx(1e-3, rel=1e-2)
 
 
-# (train.jit_compile, device kind, resolved precision) -> XLA on?
+# (train.jit_compile, device kind, resolved precision, CPU with native bf16) -> XLA on?
 JIT_RULES = [
-    ("auto", "cpu", "float32", True),  # e.g. AVX2-only EPYC: XLA fuses the thin UNet's small ops (README)
-    ("auto", "cpu", "mixed_bfloat16", False),  # bf16 CPUs: XLA's CPU convolutions skip oneDNN's bf16 kernels
-    ("auto", "gpu", "mixed_float16", True),
-    ("auto", "tpu", "mixed_bfloat16", True),
-    (True, "cpu", "mixed_bfloat16", True),  # explicit choices are kept
-    (False, "gpu", "mixed_float16", False),
+    ("auto", "cpu", "float32", False, True),  # AVX2-only EPYC: XLA fuses the thin UNet's small ops (README)
+    ("auto", "cpu", "float32", True, False),  # avx512_bf16 / AMX CPUs: XLA skips oneDNN's kernels
+    ("auto", "cpu", "mixed_bfloat16", True, False),
+    ("auto", "gpu", "mixed_float16", False, True),
+    ("auto", "tpu", "mixed_bfloat16", False, True),
+    (True, "cpu", "mixed_bfloat16", True, True),  # explicit choices are kept
+    (False, "gpu", "mixed_float16", False, False),
 ]
 
 
-@pytest.mark.parametrize("jit, kind, precision, expected", JIT_RULES)
-def test_auto_jit_compile_follows_the_device_and_precision(jit, kind, precision, expected):
+@pytest.mark.parametrize("jit, kind, precision, bf16_cpu, expected", JIT_RULES)
+def test_auto_jit_compile_follows_the_device_precision_and_cpu(monkeypatch, jit, kind, precision, bf16_cpu, expected):
+    monkeypatch.setattr(strategy, "cpu_supports_bf16", lambda: bf16_cpu)  # what /proc/cpuinfo would say
     assert strategy.resolve_jit_compile(jit, kind, precision) is expected

@@ -147,12 +147,13 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
                 deterministic=data.deterministic)
     # Cut volumes into slices, alternating between a few volumes, then shuffle slices across volumes.
     ds = ds.interleave(lambda image, mask: tf.data.Dataset.from_tensor_slices((image, mask)),
-                       cycle_length=VOLUME_CYCLE, block_length=1)
+                       cycle_length=VOLUME_CYCLE, block_length=1, num_parallel_calls=AUTOTUNE,
+                       deterministic=data.deterministic)
     if data.resize == "pad_crop":
         ds = ds.enumerate().map(lambda i, xy: _random_crop(i, *xy, data.image_size, base, pipeline),
                                 num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
     ds = ds.shuffle(data.shuffle_buffer, seed=base + pipeline, reshuffle_each_iteration=True)
-    ds = ds.batch(batch, drop_remainder=True)
+    ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
 
     def batch_seed(index, batch_xy):
         image, mask = batch_xy

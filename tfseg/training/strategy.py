@@ -170,10 +170,10 @@ def remove_write_dir(path: Path, run_dir: Path) -> None:
 
 
 def resolve_jit_compile(jit_compile: bool | str, kind: str, precision: str) -> bool:
-    """`auto` -> XLA on TPUs (always compiled) and GPUs (Keras' own auto choice), and on CPUs only in
-    float32: XLA's CPU backend lowers convolutions without oneDNN, so it speeds up a float32 UNet on
-    CPUs without native bf16 but slows down mixed_bfloat16 on those with it (README: benchmarks).
-    Explicit true / false are kept."""
+    """`auto` -> XLA on TPUs (always compiled) and GPUs (Keras' own auto choice); on CPUs only for float32
+    on CPUs without native bf16: XLA's CPU backend lowers convolutions without oneDNN, which made a
+    float32 UNet faster on an AVX2-only CPU but float32 and bf16 slower on CPUs with avx512_bf16 / AMX
+    (README: benchmarks). Explicit true / false are kept."""
     if jit_compile != "auto":
         return bool(jit_compile)
-    return kind in ("tpu", "gpu") or precision == "float32"
+    return kind in ("tpu", "gpu") or (precision == "float32" and not cpu_supports_bf16())
