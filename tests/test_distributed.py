@@ -1,4 +1,5 @@
-"""Strategies: the auto rules, 2 mirrored CPU replicas == 1 replica, and 2 real multiworker processes.
+"""Strategies: the auto rules, 2 mirrored CPU replicas == 1 replica, and 2 real multiworker processes ==
+1 process, through a lost worker and a resume.
 
 Multi-device tests run in subprocesses: logical devices and multiworker collectives can only be set
 up before TensorFlow initialises, which the pytest process has long done. The model uses group norm
@@ -6,11 +7,15 @@ here: batch norm statistics are per replica by design (each replica normalises i
 so only a batch-independent norm makes 2 replicas compute exactly what 1 replica does.
 """
 
+import csv
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,17 +92,70 @@ step()
 print("RESULT " + json.dumps(float(weight.numpy()[0])))
 """
 
-WORKER = """
-import sys
-import numpy as np
-from tfseg.training.trainer import train
-from tfseg.config import load_config
+# The two workers train what one process can reproduce: deterministic input pipelines (every seed from
+# the config), and group norm with global batch Dice, which are exact across replica counts (VARIANTS).
+MULTIWORKER = ["model.norm=group", "loss.batch_dice=true", "data.deterministic=true", "train.epochs=3",
+               "train.steps_per_epoch=3"]
 
-config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=multiworker", "model.norm=group",
-                                   "train.epochs=2", "train.steps_per_epoch=3", "train.image_log_every=1"])
-result = train(config, sys.argv[3], progress=False)
-np.savez(sys.argv[4], *result.model.get_weights())
+WORKER = """
+import json, sys
+import numpy as np
+from tfseg.config import load_config
+from tfseg.training.loop import TrainingStopped
+from tfseg.training.trainer import train
+
+config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=multiworker",
+                                   "train.image_log_every=1", *json.loads(sys.argv[3])])
+try:
+    result = train(config, sys.argv[4], progress=False)
+except TrainingStopped as err:  # as python -m tfseg.train reports it
+    sys.exit(f"error: {err}")
+np.savez(sys.argv[5], *result.model.get_weights())
 """
+
+# What the two workers compute, in one process without any strategy: worker i's replica takes the batches
+# of input pipeline i of 2, so the global batch is both pipelines' batches side by side. Resumed workers
+# rebuild their pipelines, so the batches start over after epoch argv[4] (the epochs they resumed after).
+ONE_PROCESS = """
+import json, sys
+import keras
+import numpy as np
+import tensorflow as tf
+from tfseg.config import load_config
+from tfseg.data.pipeline import train_dataset
+from tfseg.model.build import build_loss, build_model
+from tfseg.training.optimizer import make_optimizer
+from tfseg.training.steps import Steps
+from tfseg.training.trainer import train_folds
+
+config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=default", *json.loads(sys.argv[3])])
+resumed_after, steps_per_epoch, batch = int(sys.argv[4]), config.train.steps_per_epoch, config.data.batch_size
+keras.utils.set_random_seed(config.data.seed)  # as train() does before it builds the model
+model = build_model(config)
+init = model.get_weights()
+optimizer = make_optimizer(config.train, steps_per_epoch, "float32")
+optimizer.build(model.trainable_variables)
+steps = Steps(tf.distribute.get_strategy(), model, optimizer, build_loss(config), batch, config)
+
+def global_batches():
+    pipelines = [train_dataset(config, train_folds(config), input_context=tf.distribute.InputContext(2, i, 2),
+                               global_batch_size=batch) for i in range(2)]
+    return iter(tf.data.Dataset.zip(*pipelines).map(lambda a, b: (tf.concat([a[0], b[0]], 0),
+                                                                  tf.concat([a[1], b[1]], 0))))
+
+losses = []
+for epoch in range(config.train.epochs):
+    if epoch in (0, resumed_after):
+        batches = global_batches()
+    losses.append(sum(float(steps.train_step(batches)) for _ in range(steps_per_epoch)) / steps_per_epoch)
+np.savez(sys.argv[5], *init)
+np.savez(sys.argv[6], *model.get_weights())
+print("RESULT " + json.dumps(losses))
+"""
+
+# A worker that stops answering is declared dead after strategy.HEARTBEAT_TIMEOUT_S (10 s) without
+# heartbeats; the survivor then stops 11-18 s after the freeze here. The bound leaves room for a loaded machine.
+LOST_WORKER_BOUND_S = 60
 
 
 def run_python(code: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -210,38 +268,116 @@ def test_auto_norm_synchronises_small_replica_batches():
     assert resolve_norm("group", 4, 8) == "group"
 
 
-@pytest.mark.slow
-def test_two_workers_end_with_identical_weights(records_dir, tmp_path):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    run_dir = tmp_path / "run"
+def start_workers(folder: Path, *args) -> tuple[list[subprocess.Popen], list[str]]:
+    """Two workers of a new cluster on free ports of 127.0.0.1 running WORKER with `args`; their output goes
+    to folder/worker{i}.log (a file: nobody reads a pipe while the test waits), their temp files to
+    folder/tmp{i}, their final weights to folder/w{i}.npz."""
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
     for index in range(2):
-        tmp = tmp_path / f"tmp{index}"
-        tmp.mkdir()
+        tmp = folder / f"tmp{index}"
+        tmp.mkdir(parents=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(tmp),
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(SMOKE), str(records_dir), str(run_dir), str(tmp_path / f"w{index}.npz")],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
+               "TF_CONFIG": json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})}
+        with open(folder / f"worker{index}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, *map(str, args), folder / f"w{index}.npz"],
+                                          env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    return procs, addresses
+
+
+def kill(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def one_process(records_dir, folder: Path, resumed_after: int) -> subprocess.Popen:
+    """ONE_PROCESS in the background; its output goes to folder/one.log, its weights to folder/*.npz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(folder / "one.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", ONE_PROCESS, SMOKE, records_dir, json.dumps(MULTIWORKER),
+                                 str(resumed_after), folder / "init.npz", folder / "one.npz"],
+                                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_and_resume_after_losing_one(records_dir, tmp_path):
+    """Two real workers on 127.0.0.1. Once the first checkpoint exists, worker 1 is frozen (SIGSTOP: like a
+    machine that vanished, no closed connection tells the chief, only the missing heartbeats) and then
+    killed: the chief must stop with a message naming worker 1 within LOST_WORKER_BOUND_S, not hang. Both
+    are started again, resume from the last checkpoint and finish. The final weights (the same on both
+    workers) must equal those of one process that trains on the same global batches, rebuilding its input
+    pipelines where the workers resumed: within 0.1% of how far training moved them, as in same_weights
+    (the ring all-reduce sums in another order than one device). The per-epoch losses of history.csv, each
+    computed with the weights all earlier steps left, must equal the single process's to 2e-5: 1e-5 as
+    VARIANTS' group norm, plus history.csv's 6 significant digits."""
+    run_dir, one = tmp_path / "run", tmp_path / "one"
+    args = (SMOKE, records_dir, json.dumps(MULTIWORKER), run_dir)
+    first, addresses = start_workers(tmp_path / "first", *args)
+    second, reference = [], None
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "ckpt-1.index").exists():
+            assert all(p.poll() is None for p in first) and time.monotonic() < deadline, \
+                (tmp_path / "first" / "worker0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.kill(first[1].pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        # Worker 1 froze in epoch 2, so the workers will resume after epoch 1: the single process runs now,
+        # while the two workers stand still.
+        reference = one_process(records_dir, one, 1)
+        try:
+            first[0].wait(timeout=LOST_WORKER_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the chief still runs {LOST_WORKER_BOUND_S} s after worker 1 stopped answering")
+        waited = time.monotonic() - frozen
+        kill(first)
+        stopped = (tmp_path / "first" / "worker0.log").read_text()
+        assert first[0].returncode == 1, stopped[-3000:]
+        assert f"error: worker 1 ({addresses[1]}) is gone" in stopped and "Start every worker again" in stopped, \
+            stopped[-3000:]
+        done = [int(row["epoch"]) for row in history(run_dir)]
+        assert 1 <= len(done) < 3, f"{done}: the chief finished before it noticed ({waited:.0f} s)"
+
+        second, _ = start_workers(tmp_path / "second", *args)
+        for proc in second:
+            proc.wait(timeout=600)
+        outputs = [(tmp_path / "second" / f"worker{i}.log").read_text() for i in range(2)]
+        assert [p.returncode for p in second] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+        resumed = int(re.search(r"resumed from \S+: (\d+) of 3 epochs done", outputs[0]).group(1))
+        assert resumed in (len(done), len(done) - 1)  # -1: stopped between history.csv and the checkpoint
+        assert re.findall(r"^epoch (\d)/3: loss", outputs[0], re.MULTILINE) == [str(e) for e in range(resumed + 1, 4)]
+        if resumed != 1:  # worker 1 froze late, after epoch 2 had ended on both: train the single process again
+            reference.wait()
+            reference = one_process(records_dir, one, resumed)
+        reference.wait(timeout=600)
     finally:
-        for proc in procs:
-            if proc.poll() is None:  # a worker died and left the other waiting in a collective
-                proc.kill()
-                proc.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
-    chief, other = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
-    assert len(chief.files) == len(other.files) > 0
-    for key in chief.files:
-        np.testing.assert_array_equal(chief[key], other[key])
+        kill([*first, *second, *([reference] if reference else [])])
+    log = (one / "one.log").read_text()
+    assert reference.returncode == 0, log[-3000:]
+
+    rows = history(run_dir)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
     # Only the chief wrote the run folder; the other worker's scratch folder is gone.
     assert "strategy multiworker (2 replicas on cpu)" in outputs[0]
     assert "strategy multiworker" not in outputs[1]
-    history = (run_dir / "history.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in history] == ["epoch", "1", "2"]
-    assert (run_dir / "checkpoints" / "ckpt-2.index").exists() and (run_dir / "model.keras").exists()
-    assert not any((tmp_path / "tmp1").iterdir())
+    assert (run_dir / "checkpoints" / "ckpt-3.index").exists() and (run_dir / "model.keras").exists()
+    assert not any((tmp_path / "second" / "tmp1").iterdir())
+
+    losses = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
+    np.testing.assert_allclose([row["loss"] for row in rows], losses, rtol=2e-5, atol=0)
+    chief, other = (np.load(tmp_path / "second" / f"w{i}.npz") for i in range(2))
+    init, final = (np.load(one / f"{name}.npz") for name in ("init", "one"))
+    keys = chief.files
+    assert len(keys) == len(other.files) == len(final.files) > 0
+    for key in keys:
+        np.testing.assert_array_equal(chief[key], other[key])
+    assert same_weights({"init": [init[k] for k in keys], "one": {"weights": [final[k] for k in keys]},
+                         "two": {"weights": [chief[k] for k in keys]}})

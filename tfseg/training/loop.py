@@ -13,6 +13,7 @@ from tqdm import tqdm
 from tfseg import CLASSES
 from tfseg.config import Config
 from tfseg.layout import RunFolder
+from tfseg.training import strategy as strategy_lib
 from tfseg.training.curves import plot_history
 from tfseg.training.run_folder import read_history, save_keras, write_history
 from tfseg.training.steps import Steps
@@ -20,7 +21,7 @@ from tfseg.training.tensorboard import Profiler, log_epoch
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (the loss became NaN); the last good checkpoint is kept."""
+    """Training cannot go on (the loss became NaN, a worker was lost); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -61,43 +62,52 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
         if chief else {}
     profiler = Profiler(t.profile_batches if chief else None, run.logs / "train")
     step = start * steps_per_epoch
-    for epoch in range(start + 1, t.epochs + 1):
-        began = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step", leave=False,
-                   disable=not (chief and log.bars), dynamic_ncols=True)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            step += 1
-            profiler.before(step)
-            value = float(steps.train_step(iterator))
-            profiler.after(step)
-            if not math.isfinite(value):
-                bar.close()
-                raise TrainingStopped(
-                    f"loss is {value} at epoch {epoch}, step {i + 1}: training stopped (kept the checkpoint of "
-                    f"epoch {epoch - 1}); lower train.learning_rate or train.clip_norm, or check the data")
-            total += value
-            bar.update()
-            bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
-        bar.close()
-        row = {"epoch": epoch, "loss": total / steps_per_epoch, **steps.evaluate(val_data),
-               "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-               "seconds": time.perf_counter() - began}
-        history.append(row)
-        improved = row["val_dice"] > best
-        best = max(best, row["val_dice"])
-        if chief:
-            log_epoch(writers, row, epoch, model, image_data, config, t.epochs)
-            # history first, then the checkpoint: a kill in between redoes this epoch, never skips it
-            write_history(run_dir, history)
-            if improved:
-                save_keras(run.best_weights, model.save_weights)
-        epoch_var.assign(epoch)
-        manager.save(checkpoint_number=epoch)
-        dice = ", ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in CLASSES)
-        log(f"epoch {epoch}/{t.epochs}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}, "
-            f"val_dice {row['val_dice']:.4f} ({dice}), lr {row['lr']:.2e}, {row['seconds']:.1f} s"
-            + (" [best]" if improved else ""))
+    # Under multiworker a lost worker fails the others' collectives within a bounded time (strategy.py):
+    # say which one, instead of a TensorFlow traceback.
+    try:
+        for epoch in range(start + 1, t.epochs + 1):
+            began = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step", leave=False,
+                       disable=not (chief and log.bars), dynamic_ncols=True)
+            total = 0.0
+            for i in range(steps_per_epoch):
+                step += 1
+                profiler.before(step)
+                value = float(steps.train_step(iterator))
+                profiler.after(step)
+                if not math.isfinite(value):
+                    bar.close()
+                    raise TrainingStopped(
+                        f"loss is {value} at epoch {epoch}, step {i + 1}: training stopped (kept the checkpoint of "
+                        f"epoch {epoch - 1}); lower train.learning_rate or train.clip_norm, or check the data")
+                total += value
+                bar.update()
+                bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
+            bar.close()
+            row = {"epoch": epoch, "loss": total / steps_per_epoch, **steps.evaluate(val_data),
+                   "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
+                   "seconds": time.perf_counter() - began}
+            history.append(row)
+            improved = row["val_dice"] > best
+            best = max(best, row["val_dice"])
+            if chief:
+                log_epoch(writers, row, epoch, model, image_data, config, t.epochs)
+                # history first, then the checkpoint: a kill in between redoes this epoch, never skips it
+                write_history(run_dir, history)
+                if improved:
+                    save_keras(run.best_weights, model.save_weights)
+            epoch_var.assign(epoch)
+            manager.save(checkpoint_number=epoch)
+            dice = ", ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in CLASSES)
+            log(f"epoch {epoch}/{t.epochs}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}, "
+                f"val_dice {row['val_dice']:.4f} ({dice}), lr {row['lr']:.2e}, {row['seconds']:.1f} s"
+                + (" [best]" if improved else ""))
+    except strategy_lib.LOST_WORKER_ERRORS as err:
+        lost = strategy_lib.lost_worker(strategy, err)
+        if lost is None:
+            raise
+        raise TrainingStopped(f"{lost}; training stopped. Start every worker again with the same command: "
+                              f"they resume from the last checkpoint in {run.checkpoints}") from None
     profiler.stop()  # the run may have ended inside the profiled range
     if chief:
         save_keras(run.final_model, model.save)

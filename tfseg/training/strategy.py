@@ -9,6 +9,7 @@ default (no distribution), one_device, mirrored (all local GPUs, or N logical CP
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -140,6 +141,32 @@ def resolve_precision(precision: str, kind: str) -> str:
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
         return "mixed_float16" if tuple(capability) >= (7, 0) else "float32"
     return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
+
+
+# How a lost worker shows under multiworker. MultiWorkerMirroredStrategy (TF 2.21) starts TensorFlow's
+# coordination service on the chief (worker 0 without a chief job); every worker sends it heartbeats, and
+# one silent for HEARTBEAT_TIMEOUT_S (the service's default) is declared dead: the service aborts every
+# worker's collectives with UnavailableError, or DeadlineExceededError when the chief itself went silent.
+# A killed process on a live machine is noticed at once: its peers' connections are reset (Unavailable).
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+HEARTBEAT_TIMEOUT_S = 10
+_TASK = re.compile(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)")
+
+
+def lost_worker(strategy: tf.distribute.Strategy, err: Exception) -> str | None:
+    """Under multiworker, what a collective's UnavailableError / DeadlineExceededError says: which worker
+    is gone and why, e.g. "worker 1 (10.0.0.2:12345) is gone (...)"; None for any other error or strategy."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or not isinstance(err, LOST_WORKER_ERRORS):
+        return None
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec()
+    tasks = {(job, int(task)) for job, task in _TASK.findall(err.message)} - {(resolver.task_type, resolver.task_id)}
+    if not tasks and "CoordinationService" in err.message:  # our heartbeats to the chief's service time out
+        tasks = {("chief", 0) if "chief" in spec.jobs else ("worker", 0)}
+    names = ", ".join(f"{job} {task} ({spec.task_address(job, task)})" for job, task in sorted(tasks))
+    detail = err.message.split("aborted by:", 1)[-1].strip().splitlines()[0]
+    return (f"{names or 'another worker'} is gone: it died, or sent no heartbeat to the chief's coordination "
+            f"service for {HEARTBEAT_TIMEOUT_S} s (TensorFlow: {detail})")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
