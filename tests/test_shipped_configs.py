@@ -39,9 +39,6 @@ EXPORTED = {"cpu": 1, "default": 2}
 
 TRAIN = """
 import json, sys
-import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import prediction_log_pb2
 from tfseg.config import load_config, to_dict
 from tfseg.serving.savedmodel import export
 from tfseg.training import strategy
@@ -50,6 +47,24 @@ from tfseg.training.trainer import train
 strategy.split_cpu(2)  # before anything initialises TensorFlow
 config_file, records, out = sys.argv[1:4]
 small, replicas, exported = map(json.loads, sys.argv[4:])
+
+
+runs = {}
+for n, overrides in replicas.items():  # the mirrored run first: the default strategy has no collectives
+    result = train(load_config(config_file, [f"data.records={records}", *small, *overrides]), f"{out}/run{n}",
+                   progress=False)
+    runs[n] = {"config": to_dict(result.config), "history": result.history}
+    if int(n) == exported:
+        runs[n]["exported"] = str(export(f"{out}/run{n}", f"{out}/model{n}/1", verbose=False))
+print("RESULT " + json.dumps(runs))
+"""
+
+
+ANSWER = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
 
 
 def answer(path):
@@ -61,17 +76,11 @@ def answer(path):
     return {"request": list(slices.shape), "png": list(tf.io.decode_png(slices[0, 0], dtype=tf.uint16).shape),
             "masks": got["masks"].shape.as_list(), "dtype": got["masks"].dtype.name,
             "values": sorted(np.unique(got["masks"].numpy()).tolist()),
-            "probabilities": [float(probabilities.min()), float(probabilities.max())]}
+            "probabilities": [float(probabilities.min()), float(probabilities.max())],
+            "tfseg_imported": any(m.split(".")[0] == "tfseg" for m in sys.modules)}
 
 
-runs = {}
-for n, overrides in replicas.items():  # the mirrored run first: the default strategy has no collectives
-    result = train(load_config(config_file, [f"data.records={records}", *small, *overrides]), f"{out}/run{n}",
-                   progress=False)
-    runs[n] = {"config": to_dict(result.config), "history": result.history}
-    if int(n) == exported:
-        runs[n]["served"] = answer(str(export(f"{out}/run{n}", f"{out}/model{n}/1", verbose=False)))
-print("RESULT " + json.dumps(runs))
+print("RESULT " + json.dumps({name: answer(path) for name, path in json.loads(sys.argv[1]).items()}))
 """
 
 
@@ -84,6 +93,7 @@ def shipped(records_dir, tmp_path_factory):
     """{config name: ({replicas: {"config": resolved, "history": rows, and "served" if exported}}, log)}."""
     out = tmp_path_factory.mktemp("shipped")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    served_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # tfseg cannot even be imported there
     procs = {}
     for name in CONFIGS:  # output to files: nobody reads one's pipe while the test waits for the other
         with open(out / f"{name}.log", "w") as log:
@@ -99,6 +109,13 @@ def shipped(records_dir, tmp_path_factory):
             assert proc.returncode == 0, log[-3000:]
             result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
             runs[name] = ({int(n): run for n, run in result.items()}, log)
+        # A fresh process without tfseg loads each export and answers its request, as TF Serving would.
+        exported = {name: runs[name][0][replicas]["exported"] for name, replicas in EXPORTED.items()}
+        served = subprocess.run([sys.executable, "-c", ANSWER, json.dumps(exported)], env=served_env, cwd=out,
+                                capture_output=True, text=True, timeout=300)
+        assert served.returncode == 0, served.stderr[-3000:]
+        for name, answer in json.loads(served.stdout.split("RESULT ", 1)[1]).items():
+            runs[name][0][EXPORTED[name]]["served"] = answer
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -131,6 +148,7 @@ def test_shipped_config_trains_and_validates_on_1_and_2_replicas(shipped, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_exports_and_answers_a_serving_request(shipped, name):
     answer = shipped[name][0][EXPORTED[name]]["served"]
+    assert not answer["tfseg_imported"]
     height, width, _ = answer["png"]
     assert answer["request"] == [1, len(shipped_config(name).data.offsets)]
     assert answer["masks"] == [1, height, width, 3] and answer["dtype"] == "uint8"  # at the scans' own size
