@@ -1,5 +1,5 @@
-"""Strategies: the auto rules, 2 mirrored CPU replicas == 1 replica, and 2 real multiworker processes ==
-1 process, through a lost worker and a resume.
+"""Strategies: the auto rules, 2 mirrored CPU replicas == 1 replica (and augmenting on the device == on
+the host), and 2 real multiworker processes == 1 process, through a lost worker and a resume.
 
 Multi-device tests run in subprocesses: logical devices and multiworker collectives can only be set
 up before TensorFlow initialises, which the pytest process has long done. The model uses group norm
@@ -29,6 +29,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 MIRRORED = """
 import json, sys
+import keras
 import numpy as np
 import tensorflow as tf
 from tfseg.data.pipeline import train_dataset
@@ -36,7 +37,6 @@ from tfseg.model.build import build_loss, build_model
 from tfseg.training import strategy
 from tfseg.training.optimizer import make_optimizer
 from tfseg.training.steps import Steps
-from tfseg.training.trainer import train
 from tfseg.config import load_config
 
 strategy.split_cpu(2)  # before anything initialises TensorFlow
@@ -60,11 +60,21 @@ for variant, overrides in json.loads(sys.argv[4]).items():
         losses += [float(steps.train_step(batches)) for _ in range(2)]
         out[variant][name] = {"replicas": s.num_replicas_in_sync, "losses": losses, "weights": weights}
     out[variant]["init"] = [w.tolist() for w in init]
-if sys.argv[3] != "-":  # the whole command under mirrored: distributed input pipeline and validation
-    config = load_config(sys.argv[1], [f"data.records={sys.argv[2]}", "train.strategy=mirrored",
-                                       "train.cpu_replicas=2", "train.epochs=1", "train.steps_per_epoch=2",
-                                       "train.image_log_every=0"])
-    out["fit"] = train(config, sys.argv[3], progress=False).history[0]
+for device in ("host", "accelerator"):  # augmenting in the pipeline or in the replica step, XLA in both
+    config = load_config(sys.argv[1], [
+        f"data.records={sys.argv[2]}", "data.batch_size=4", "data.deterministic=true", "train.jit_compile=true",
+        "model.depth=2", "model.base_filters=4", "model.block=plain", "augment.enabled=true",
+        "augment.grid_distortion=0.03", "augment.dropout_holes=1", f"augment.device={device}"])
+    keras.utils.set_random_seed(0)
+    with two.scope():
+        model = build_model(config)
+        optimizer = make_optimizer(config.train, 10, "float32")
+        optimizer.build(model.trainable_variables)
+        steps = Steps(two, model, optimizer, build_loss(config), 4, config)
+    batches = iter(two.distribute_datasets_from_function(
+        lambda context: train_dataset(config, [1], input_context=context, global_batch_size=4)))
+    losses = [float(steps.train_step(batches)) for _ in range(3)]
+    out[device] = {"losses": losses, "weights": [w.tolist() for w in model.get_weights()], "jit": steps.jit_compile}
 print("RESULT " + json.dumps(out))
 """
 
@@ -228,24 +238,46 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def mirrored(records_dir):
+    """The MIRRORED script's results: one process (splitting the CPU, starting TensorFlow) for both tests."""
+    variants = {name: overrides for name, (overrides, _, _, _) in VARIANTS.items()}
+    proc = run_python(MIRRORED, SMOKE, records_dir, "-", json.dumps(variants))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
 @pytest.mark.slow
-def test_two_mirrored_replicas_match_one(records_dir, tmp_path):
+def test_two_mirrored_replicas_match_one(mirrored):
     """Same initial weights, same global batch of 4: two replicas of 2 take the step one device takes
     (gradients averaged over the global batch and clipped by the full gradient's norm), with batch
     Dice over the global batch and with synchronised batch norm; plain batch norm does not (each
     replica normalises its own 2 slices), which shows the comparison can fail. Tolerances: see
     same_losses and same_weights; weights only for group norm, since behind batch norm some kernel
-    gradients are nearly zero and Adam turns their float noise into lr-sized steps."""
-    variants = {name: overrides for name, (overrides, _, _, _) in VARIANTS.items()}
-    proc = run_python(MIRRORED, SMOKE, records_dir, tmp_path / "run", json.dumps(variants))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    gradients are nearly zero and Adam turns their float noise into lr-sized steps. (train() itself
+    runs under 2 mirrored replicas in test_shipped_configs.)"""
     for name, (_, rtol, equal, weights) in VARIANTS.items():
-        assert same_losses(out[name], rtol) == equal, name
+        assert mirrored[name]["two"]["replicas"] == 2
+        assert same_losses(mirrored[name], rtol) == equal, name
         if weights:
-            assert same_weights(out[name]), name
-    assert np.isfinite(out["fit"]["loss"]) and 0 <= out["fit"]["val_dice"] <= 1
-    assert "2 replicas" in proc.stdout
+            assert same_weights(mirrored[name]), name
+
+
+@pytest.mark.slow
+def test_accelerator_augmentation_trains_like_host_augmentation(mirrored):
+    """augment.device: accelerator, same seed and stream, XLA in both: augmenting inside the replica step
+    (2 replicas) gives the losses and weights that augmenting in the input pipeline gives. Both run the
+    same warp on the same inputs, so only float rounding may differ: losses to 1e-5, weights to 1e-5 of
+    their norm (XLA against TensorFlow's kernels would differ by ~1e-3 of the norm: Adam turns rounding
+    noise in near-zero gradients into learning-rate-sized steps, so both sides compile). A missing or
+    different augmentation changes the losses by percents."""
+    host, device = mirrored["host"], mirrored["accelerator"]
+    assert host["jit"] is True and device["jit"] is True
+    np.testing.assert_allclose(device["losses"], host["losses"], rtol=1e-5)
+    difference = np.sqrt(sum(np.sum((np.array(a) - np.array(b)) ** 2)
+                             for a, b in zip(host["weights"], device["weights"], strict=True)))
+    norm = np.sqrt(sum(np.sum(np.array(a) ** 2) for a in host["weights"]))
+    assert difference <= 1e-5 * norm
 
 
 @pytest.mark.slow

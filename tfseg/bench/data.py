@@ -33,7 +33,7 @@ OFFSETS = (-2, 0, 2)
 # Every augmentation on, grid distortion and coarse dropout included: the slowest training setting.
 FULL_AUGMENT = AugmentConfig(grid_distortion=0.03, dropout_holes=2)
 MODES = ("decode", "host", "cached", "device_aug")
-WARMUP_VOLUMES = 6  # volumes' worth of batches after the shuffle buffer is full, before timing
+WARMUP_VOLUMES = 6  # default --warmup-volumes
 STAGE_VOLUMES = 4  # volumes the per-stage profile runs on
 
 
@@ -49,6 +49,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer,
                         help="slices in the pipeline's shuffle buffer (default: %(default)s)")
+    parser.add_argument("--warmup-volumes", type=float, default=WARMUP_VOLUMES, metavar="N",
+                        help="volumes' worth of batches (144 slices each) taken after the shuffle buffer is full "
+                             "and before the clock starts, so that autotune settles (default: %(default)s)")
 
 
 def _inputs(args) -> tuple[Path, Path]:
@@ -113,8 +116,8 @@ def _decode_rate(records_dir, batches: int, batch_size: int, cores: int) -> tupl
     return _rate(ds.with_options(options), volumes, warmup=2 * cores, size=lambda decoded: decoded[0])
 
 
-def _pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: int, mode: str,
-                   cores: int) -> tuple[float, float]:
+def _pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: int, warmup_volumes: float,
+                   mode: str, cores: int) -> tuple[float, float]:
     """tfseg.data.train_dataset's (images/s, CPU ms per image) in one mode."""
     import tensorflow as tf
 
@@ -127,7 +130,7 @@ def _pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: i
     # Warm-up fills the shuffle buffer, then drains the volumes decoded ahead meanwhile (timing them
     # would flatter the pipeline) and lets autotune settle: only then does the clock start. The cached
     # mode first reads one whole epoch, which fills the cache.
-    warmup = math.ceil(shuffle_buffer / batch_size) + WARMUP_VOLUMES * 144 // batch_size
+    warmup = math.ceil(shuffle_buffer / batch_size) + int(warmup_volumes * 144 / batch_size)
     if mode == "cached":
         warmup += math.ceil(count_slices(records_dir, None) / batch_size)
     return _rate(ds, batches, warmup=warmup)
@@ -198,7 +201,8 @@ def stage_costs(records_dir, batch_size: int) -> dict:
     return costs
 
 
-def measure(records_dir, batches: int, batch_size: int, shuffle_buffer: int, cores: int) -> dict:
+def measure(records_dir, batches: int, batch_size: int, shuffle_buffer: int, warmup_volumes: float,
+            cores: int) -> dict:
     """Every mode on `cores` cores, plus the stage profile on one: call it in a fresh process."""
     _pin(cores)
     out = {}
@@ -208,7 +212,7 @@ def measure(records_dir, batches: int, batch_size: int, shuffle_buffer: int, cor
         if mode == "decode":
             rate, cpu = _decode_rate(records_dir, batches, batch_size, cores)
         else:
-            rate, cpu = _pipeline_rate(records_dir, batches, batch_size, shuffle_buffer, mode, cores)
+            rate, cpu = _pipeline_rate(records_dir, batches, batch_size, shuffle_buffer, warmup_volumes, mode, cores)
         out[f"{mode}_img_per_s_{cores}core"], out[f"{mode}_cpu_ms_per_img_{cores}core"] = rate, cpu
     return out
 
@@ -285,7 +289,7 @@ def run(args) -> dict:
             continue
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             figures |= pool.submit(measure, records_dir, args.batches, args.batch_size, args.shuffle_buffer,
-                                   cores).result()
+                                   args.warmup_volumes, cores).result()
     for mode in MODES:
         figures[f"{mode}_core_scaling"] = figures[f"{mode}_img_per_s_2core"] / figures[f"{mode}_img_per_s_1core"]
     figures |= {f"{mode}_vs_notebook": figures[f"{mode}_img_per_s_2core"] / notebook for mode in MODES[1:]}

@@ -83,11 +83,11 @@ def _farthest(tree: cKDTree, coords: np.ndarray, scale: np.ndarray) -> float:
     cells = (coords // _CELL).astype(np.int64)
     keys = np.ravel_multi_index(cells.T, cells.max(axis=0) + 1)
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    near = tree.query(coords[first] * scale)[0]
+    near = tree.query(coords[first] * scale, workers=-1)[0]
     best = near.max()
     reach = float(np.linalg.norm((_CELL - 1) * scale)) * (1 + 1e-9) + 1e-12
     rest = coords[(near + reach > best)[inverse]]
-    return float(max(best, tree.query(rest * scale)[0].max())) if len(rest) else float(best)
+    return float(max(best, tree.query(rest * scale, workers=-1)[0].max())) if len(rest) else float(best)
 
 
 def _directed(src: np.ndarray, dst: np.ndarray, dst_mask: np.ndarray, scale: np.ndarray) -> float:
