@@ -5,6 +5,7 @@
 - host: the whole training pipeline, augmentation included (augment.device: host);
 - cached: the same with data.cache: memory, after the first epoch filled the cache;
 - device_aug: augment.device: accelerator, the host's part only (the step augments on the device);
+- cached_device_aug: both;
 - a notebook-style loader (single process, cv2, three PNG decodes per 2.5D sample, the sample's RLEs
   decoded per sample), written as fast as cv2 and numpy allow;
 
@@ -32,7 +33,7 @@ SIZE = 256
 OFFSETS = (-2, 0, 2)
 # Every augmentation on, grid distortion and coarse dropout included: the slowest training setting.
 FULL_AUGMENT = AugmentConfig(grid_distortion=0.03, dropout_holes=2)
-MODES = ("decode", "host", "cached", "device_aug")
+MODES = ("decode", "host", "cached", "device_aug", "cached_device_aug")
 WARMUP_VOLUMES = 6  # default --warmup-volumes
 STAGE_VOLUMES = 4  # volumes the per-stage profile runs on
 
@@ -43,7 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", metavar="DIR", default=layout.SYNTH_DATA_DIR,
                         help="the Kaggle-layout folder the records came from; the notebook loader reads it "
                              "(default: %(default)s, the synthetic dataset, made if missing)")
-    parser.add_argument("--batches", type=int, default=100, metavar="N",
+    parser.add_argument("--batches", type=int, default=200, metavar="N",
                         help="timed batches per measurement, after warm-up; the pipeline needs many volumes' "
                              "worth for a steady-state figure (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
@@ -69,8 +70,8 @@ def _inputs(args) -> tuple[Path, Path]:
 
 def _config(records_dir, batch_size: int, shuffle_buffer: int, mode: str = "host") -> Config:
     data = DataConfig(records=str(records_dir), image_size=(SIZE, SIZE), offsets=OFFSETS, batch_size=batch_size,
-                      shuffle_buffer=shuffle_buffer, cache="memory" if mode == "cached" else "none")
-    device = "accelerator" if mode == "device_aug" else "host"
+                      shuffle_buffer=shuffle_buffer, cache="memory" if mode.startswith("cached") else "none")
+    device = "accelerator" if mode.endswith("device_aug") else "host"
     return Config(data=data, augment=dataclasses.replace(FULL_AUGMENT, device=device))
 
 
@@ -112,7 +113,8 @@ def _decode_rate(records_dir, batches: int, batch_size: int, cores: int) -> tupl
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores
     options.threading.max_intra_op_parallelism = 1
-    volumes = math.ceil(batches * batch_size / 144)
+    volumes = sum(int(shard["volumes"]) for shard in layout.read_manifest(records_dir)["shards"])
+    # every volume once after the warm-up, on 1 core as on 2: volume sizes differ
     return _rate(ds.with_options(options), volumes, warmup=2 * cores, size=lambda decoded: decoded[0])
 
 
@@ -131,7 +133,7 @@ def _pipeline_rate(records_dir, batches: int, batch_size: int, shuffle_buffer: i
     # would flatter the pipeline) and lets autotune settle: only then does the clock start. The cached
     # mode first reads one whole epoch, which fills the cache.
     warmup = math.ceil(shuffle_buffer / batch_size) + int(warmup_volumes * 144 / batch_size)
-    if mode == "cached":
+    if mode.startswith("cached"):
         warmup += math.ceil(count_slices(records_dir, None) / batch_size)
     return _rate(ds, batches, warmup=warmup)
 

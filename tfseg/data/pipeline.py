@@ -147,8 +147,7 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
                 deterministic=data.deterministic)
     # Cut volumes into slices, alternating between a few volumes, then shuffle slices across volumes.
     ds = ds.interleave(lambda image, mask: tf.data.Dataset.from_tensor_slices((image, mask)),
-                       cycle_length=VOLUME_CYCLE, block_length=1, num_parallel_calls=AUTOTUNE,
-                       deterministic=data.deterministic)
+                       cycle_length=VOLUME_CYCLE, block_length=1)
     if data.resize == "pad_crop":
         ds = ds.enumerate().map(lambda i, xy: _random_crop(i, *xy, data.image_size, base, pipeline),
                                 num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)

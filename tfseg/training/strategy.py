@@ -6,6 +6,7 @@ default (no distribution), one_device, mirrored (all local GPUs, or N logical CP
 (TPUClusterResolver) and auto (TPU if one is named, else mirrored over >1 GPU, else default).
 """
 
+import functools
 import json
 import os
 import platform
@@ -67,8 +68,8 @@ def make_strategy(name: str, tpu: str | None = None, cpu_replicas: int = 0) -> t
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
         # cpu_replicas asks for CPU devices explicitly; otherwise every local GPU (or the CPU if none).
-        devices = [d.name for d in tf.config.list_logical_devices("CPU")] if cpu_replicas > 1 else None
-        return tf.distribute.MirroredStrategy(devices)
+        devices = tuple(d.name for d in tf.config.list_logical_devices("CPU")) if cpu_replicas > 1 else None
+        return _mirrored(devices)
     if name == "multiworker":
         if "TF_CONFIG" in os.environ:
             _check_tf_config(os.environ["TF_CONFIG"])
@@ -76,6 +77,14 @@ def make_strategy(name: str, tpu: str | None = None, cpu_replicas: int = 0) -> t
     if name == "tpu":
         return _tpu_strategy(tpu_name(tpu))
     raise ConfigError(f"train.strategy: unknown strategy {name!r}")
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...] | None) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device list and process: every instance numbers its collectives from the
+    same keys (TF 2.21), so a second instance training another model fails ("Shape mismatch in the
+    collective instance")."""
+    return tf.distribute.MirroredStrategy(list(devices) if devices else None)
 
 
 def _check_tf_config(text: str) -> None:
