@@ -13,18 +13,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
+PIPELINES = ("host", "cached", "device_aug", "cached_device_aug")  # bench data's modes besides decode-only
+
 # bench name -> (arguments at a tiny size, keys its JSON must hold)
 BENCHES = {
     "records": (lambda d, r: ["--data-dir", str(d), "--limit-volumes", "4", "--folds", "2"],
                 {"slices_per_s_1", "slices_per_s_2", "speedup_2_vs_1", "full_dataset_minutes_2", "same_bytes_1_vs_2"}),
     "data": (lambda d, r: ["--records", str(r), "--data-dir", str(d), "--batches", "3", "--batch-size", "4",
                            "--shuffle-buffer", "8", "--warmup-volumes", "0.2"],
-             {*(f"{mode}_{what}_{cores}core" for mode in ("decode", "host", "cached", "device_aug", "cached_device_aug")
+             {*(f"{mode}_{what}_{cores}core" for mode in ("decode", *PIPELINES)
                 for what in ("img_per_s", "cpu_ms_per_img") for cores in (1, 2)),
-              *(f"{mode}_core_scaling" for mode in ("decode", "host", "cached", "device_aug", "cached_device_aug")),
+              *(f"{mode}_core_scaling" for mode in ("decode", *PIPELINES)),
               "notebook_img_per_s", "notebook_cpu_ms_per_img",
-              *(f"{mode}_vs_{other}" for mode in ("host", "cached", "device_aug", "cached_device_aug")
-                for other in ("notebook", "decode_1core", "decode_2core")),
+              *(f"{mode}_vs_{other}" for mode in PIPELINES for other in ("notebook", "decode_1core", "decode_2core")),
               *(f"stage_{name}_cpu_ms" for name in ("read", "parse", "decode", "normalize", "pack_masks", "resize",
                                                     "quantize", "intensity_augment", "context", "crop", "batch",
                                                     "to_float", "geometric_augment"))}),

@@ -223,11 +223,14 @@ def same_weights(result: dict) -> bool:
     """After two Adam steps the two runs' weights differ by under 0.1% of how far the steps moved them
     (as a norm over all weights). Per weight no tight bound holds: float32 sums in another order change
     a gradient by ~1e-7 relative, and Adam turns the noise of a near-zero gradient into a full step."""
-    init = [np.array(w) for w in result["init"]]
-    one, two = ([np.array(w) for w in result[k]["weights"]] for k in ("one", "two"))
-    moved = np.sqrt(sum(np.sum((a - w0) ** 2) for a, w0 in zip(one, init, strict=True)))
-    apart = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(one, two, strict=True)))
-    return apart < 1e-3 * moved
+    one = result["one"]["weights"]
+    return distance(one, result["two"]["weights"]) < 1e-3 * distance(one, result["init"])
+
+
+def distance(weights, others) -> float:
+    """The norm over all weights of the difference of two weight lists (nested lists or arrays)."""
+    return float(np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2)
+                             for a, b in zip(weights, others, strict=True))))
 
 
 # variant -> (config overrides, loss tolerance, whether 2 replicas must take the steps 1 device takes at
@@ -279,10 +282,8 @@ def test_accelerator_augmentation_trains_like_host_augmentation(mirrored):
     assert host["jit"] is True and device["jit"] is True
     assert host["same_strategy"] and device["same_strategy"]  # one MirroredStrategy per process: see MIRRORED
     np.testing.assert_allclose(device["losses"], host["losses"], rtol=1e-5)
-    difference = np.sqrt(sum(np.sum((np.array(a) - np.array(b)) ** 2)
-                             for a, b in zip(host["weights"], device["weights"], strict=True)))
-    norm = np.sqrt(sum(np.sum(np.array(a) ** 2) for a in host["weights"]))
-    assert difference <= 1e-5 * norm
+    norm = distance(host["weights"], [0] * len(host["weights"]))  # the weights' own norm
+    assert distance(host["weights"], device["weights"]) <= 1e-5 * norm
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def _pin(cores: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(cores)
 
 
-def _decode_rate(records_dir, batches: int, batch_size: int, cores: int) -> tuple[float, float]:
+def _decode_rate(records_dir, cores: int) -> tuple[float, float]:
     """Slices/s of reading the records and decoding their scan and mask PNGs (the pipeline's floor)."""
     import tensorflow as tf
 
@@ -212,7 +212,7 @@ def measure(records_dir, batches: int, batch_size: int, shuffle_buffer: int, war
         out |= {f"stage_{name}_cpu_ms": value for name, value in stage_costs(records_dir, batch_size).items()}
     for mode in MODES:
         if mode == "decode":
-            rate, cpu = _decode_rate(records_dir, batches, batch_size, cores)
+            rate, cpu = _decode_rate(records_dir, cores)
         else:
             rate, cpu = _pipeline_rate(records_dir, batches, batch_size, shuffle_buffer, warmup_volumes, mode, cores)
         out[f"{mode}_img_per_s_{cores}core"], out[f"{mode}_cpu_ms_per_img_{cores}core"] = rate, cpu
