@@ -266,3 +266,28 @@ def test_batch_dice_from_sums_equals_the_batch_dice():
     want = keras.ops.convert_to_numpy(loss.per_example(MASK, PROBS))
     got = loss.per_example_with_sums(MASK, PROBS, loss.batch_sums(MASK, PROBS))
     assert_allclose(keras.ops.convert_to_numpy(got), want, rtol=1e-6)
+
+
+LOGITS = np.log(PROBS / (1 - PROBS)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, options", [("bce_dice", {}), ("bce_dice", {"batch_dice": True}), ("tversky", {}),
+                                           ("focal", {"gamma": 2.0, "alpha": 0.25})])
+def test_from_logits_equals_the_loss_of_the_probabilities(name, options):
+    from_logits = get_loss(name, **options, from_logits=True)
+    plain = get_loss(name, **options)
+    assert_allclose(keras.ops.convert_to_numpy(per_example_loss(from_logits, MASK, LOGITS)),
+                    keras.ops.convert_to_numpy(per_example_loss(plain, MASK, PROBS)), rtol=2e-5)
+
+
+def test_bce_from_logits_is_exact_where_probabilities_saturate():
+    # sigmoid(+-40) is exactly 1 or 0 in float32: clipped probabilities cap the loss at -log(1e-7) = 16.1
+    # and pass no gradient; logits give the exact loss, 40 per wrong pixel, and a gradient.
+    t = np.zeros((1, 4, 4, 3), np.float32)
+    logits = np.full_like(t, 40.0)
+    loss = get_loss("bce_dice", dice_weight=0.0, from_logits=True)
+    assert_allclose(keras.ops.convert_to_numpy(per_example_loss(loss, t, logits)), [40.0], rtol=1e-6)
+    clipped = get_loss("bce_dice", dice_weight=0.0)
+    saturated = keras.ops.sigmoid(keras.ops.convert_to_tensor(logits))
+    assert float(per_example_loss(clipped, t, saturated)[0]) < 16.2
+    assert get_loss("bce_dice", from_logits=True).get_config()["from_logits"] is True

@@ -47,7 +47,7 @@ def test_run_folder_is_complete(smoke_run, records_dir):
     columns = {"epoch", "loss", "val_loss", "val_dice", "lr", "seconds", *(f"val_dice_{c}" for c in CLASSES)}
     assert columns <= set(rows[0])
     assert np.allclose([float(r["val_dice"]) for r in rows], [h["val_dice"] for h in result.history], atol=1e-5)
-    assert (RunFolder(run_dir).best_weights).exists()
+    assert not RunFolder(run_dir).best_weights.exists()  # nothing is selected on the validation folds
     picture = cv2.imread(str(RunFolder(run_dir).curves))
     assert picture is not None and picture.shape[0] > 200 and picture.shape[1] > 2 * picture.shape[0]
     assert len(list((RunFolder(run_dir).checkpoints).glob("ckpt-*.index"))) >= 1

@@ -80,14 +80,17 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    steps_per_epoch: int | None = None  # None: one pass over the training slices
+    epochs: int = 30  # with budget_minutes: how many times the run validates and checkpoints
+    steps_per_epoch: int | None = None  # None: one pass over the training slices (or what the budget allows)
+    budget_minutes: float | None = None  # train for this long, validation included (training.budget)
     optimizer: str = "adamw"  # adamw | adam
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01  # cosine decay ends at learning_rate * min_lr_ratio
     clip_norm: float = 1.0  # global gradient norm clipping (0: off)
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights with this momentum; the
+                      # run's model gets the averaged weights at the end
     threshold: float = 0.5  # probability -> mask
     strategy: str = "auto"  # auto | default | one_device | mirrored | multiworker | tpu
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: training.strategy)
@@ -216,7 +219,10 @@ def validate(config: Config) -> Config:
          "model.encoder_weights", "must be null, imagenet or the path of a .h5 / .weights.h5 file"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be >= 1 or null"),
+        (t.budget_minutes is None or t.budget_minutes > 0, "train.budget_minutes", "must be > 0 or null"),
         (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (0 <= t.ema < 1, "train.ema", "must be in [0, 1) (0: off)"),
         (0 < t.threshold < 1, "train.threshold", "must be in (0, 1)"),
         (0 <= t.min_component_fraction <= 1, "train.min_component_fraction", "must be in [0, 1]"),
         (0 <= t.presence_threshold < 1, "train.presence_threshold", "must be in [0, 1)"),

@@ -57,7 +57,7 @@ class RunFolder:
     config = property(lambda self: self.path / "config.yaml")  # the resolved config
     history = property(lambda self: self.path / "history.csv")  # one row per epoch
     checkpoints = property(lambda self: self.path / "checkpoints")
-    best_weights = property(lambda self: self.path / "best.weights.h5")  # best validation Dice
+    best_weights = property(lambda self: self.path / "best.weights.h5")  # older runs' pick by validation Dice
     final_model = property(lambda self: self.path / "model.keras")
     logs = property(lambda self: self.path / "logs")  # TensorBoard: logs/train and logs/validation
     curves = property(lambda self: self.path / "curves.png")

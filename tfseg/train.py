@@ -2,9 +2,11 @@
 
 `python -m tfseg.train --config configs/cpu.yaml` trains on the records' folds except --val-folds
 and writes runs/<config name>/: config.yaml (the resolved config), history.csv, TensorBoard logs
-(logs/), checkpoints/ (every epoch), best.weights.h5 (best validation Dice) and model.keras. The
-same command again resumes after the last finished epoch; --fresh starts over. Every flag is a
-shortcut for a config override (--epochs 5 is --set train.epochs=5).
+(logs/), checkpoints/ (every epoch) and model.keras (the last weights, or their moving average with
+train.ema: nothing is picked by the validation folds, which evaluate then scores). The same command
+again resumes after the last finished epoch; --fresh starts over. --budget-minutes M trains for M
+minutes, validation included: the run times its first steps and chooses the steps to take. Every
+flag is a shortcut for a config override (--epochs 5 is --set train.epochs=5).
 """
 
 import argparse
@@ -21,7 +23,8 @@ DEFAULT_CONFIG = "configs/default.yaml"
 # Flag -> config key; every flag is an override of the config file.
 FLAGS = {"records": "data.records", "val_folds": "data.val_folds", "epochs": "train.epochs",
          "strategy": "train.strategy", "precision": "train.precision", "cpu_replicas": "train.cpu_replicas",
-         "jit_compile": "train.jit_compile", "tpu": "train.tpu", "profile_batches": "train.profile_batches"}
+         "jit_compile": "train.jit_compile", "tpu": "train.tpu", "profile_batches": "train.profile_batches",
+         "budget_minutes": "train.budget_minutes"}
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -31,6 +34,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None and value is not False:
             out.append(f"{key}={value if flag == 'jit_compile' else json.dumps(value)}")
+    if args.budget_minutes is not None:  # the budget chooses the steps, whatever the config file says
+        out.append("train.steps_per_epoch=null")
     return out
 
 
@@ -43,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="held-out folds for validation; the others train (data.val_folds)")
     parser.add_argument("--run-dir", help=f"run folder (default: {layout.RUNS_DIR}/<config file name>)")
     parser.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    parser.add_argument("--budget-minutes", type=float, metavar="M",
+                        help="train for M minutes, validation included; the run chooses its steps per epoch "
+                             "(train.budget_minutes)")
     parser.add_argument("--strategy", choices=CHOICES["train.strategy"],
                         help="auto: TPU if one is named, else all GPUs if more than one, else default "
                              "(train.strategy)")
@@ -76,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if result.chief:
-        best = max(result.history, key=lambda row: row["val_dice"], default=None)
-        summary = f"best val_dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}; " if best else ""
-        print(f"done: {summary}{layout.RunFolder(run_dir).final_model}", flush=True)
+        last = result.history[-1] if result.history else {}
+        summary = f"last val_dice {last['val_dice']:.4f}; " if "val_dice" in last else ""
+        print(f"done in {result.minutes:.1f} min: {summary}{layout.RunFolder(run_dir).final_model}", flush=True)
     return 0
 
 

@@ -5,6 +5,9 @@ class, averaged over classes), so Keras' own reduction gives the batch mean in `
 custom tf.distribute loop takes `per_example_loss(loss, y_true, y_pred)` and averages it over the
 global batch itself (`tf.nn.compute_average_loss`). Per-example rather than per-batch Dice is what
 makes that split exact. Everything is computed in float32, whatever the model's compute dtype.
+With from_logits (what training uses) the losses take the model's logits: BCE is computed from them
+exactly, not from probabilities clipped away from 0 and 1 (under bf16 / fp16 the sigmoid saturates
+long before a logit does).
 """
 
 import keras
@@ -12,7 +15,7 @@ from keras import ops
 
 from tfseg.errors import ConfigError
 
-EPSILON = 1e-7  # clip probabilities away from 0 and 1 before taking logs
+EPSILON = 1e-7  # without logits: clip probabilities away from 0 and 1 before taking logs
 
 
 def as_float32(y_true, y_pred):
@@ -36,10 +39,19 @@ def check_option(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def binary_crossentropy(y_true, y_pred):
-    """Per-pixel BCE of probabilities, clipped to [EPSILON, 1 - EPSILON]."""
+def binary_crossentropy(y_true, y_pred, logits=None):
+    """Per-pixel BCE: from the logits when given (exact: max(x, 0) - x t + log(1 + exp(-|x|))), else of
+    the probabilities clipped to [EPSILON, 1 - EPSILON]."""
+    if logits is not None:
+        return ops.relu(logits) - logits * y_true + ops.log1p(ops.exp(-ops.abs(logits)))
     p = ops.clip(y_pred, EPSILON, 1.0 - EPSILON)
     return -(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p))
+
+
+def probabilities(y_pred, from_logits: bool):
+    """(float32 probabilities, float32 logits or None) of a model output."""
+    y_pred = ops.cast(y_pred, "float32")
+    return (ops.sigmoid(y_pred), y_pred) if from_logits else (y_pred, None)
 
 
 def tversky_index(y_true, y_pred, alpha: float, beta: float, smooth: float):
@@ -57,8 +69,9 @@ def tversky_index(y_true, y_pred, alpha: float, beta: float, smooth: float):
 class _SegmentationLoss(keras.losses.Loss):
     """Shared plumbing: float32 inputs, options kept as float attributes and in get_config."""
 
-    def __init__(self, default_name: str, options: dict[str, float], **kwargs):
+    def __init__(self, default_name: str, options: dict[str, float], from_logits: bool = False, **kwargs):
         super().__init__(name=kwargs.pop("name", default_name), **kwargs)
+        self.from_logits = bool(from_logits)
         self._options = {key: float(value) for key, value in options.items()}
         for key, value in self._options.items():
             setattr(self, key, value)
@@ -66,10 +79,11 @@ class _SegmentationLoss(keras.losses.Loss):
             check_option(self.smooth > 0, f"{default_name}: smooth must be > 0, got {self.smooth}")
 
     def call(self, y_true, y_pred):
-        return self.per_example(*as_float32(y_true, y_pred))
+        y_true, y_pred = as_float32(y_true, y_pred)
+        return self.per_example(y_true, *probabilities(y_pred, self.from_logits))
 
     def get_config(self):
-        return {**super().get_config(), **self._options}
+        return {**super().get_config(), **self._options, "from_logits": self.from_logits}
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
@@ -96,8 +110,8 @@ class BceDiceLoss(_SegmentationLoss):
                          **kwargs)
         self.batch_dice = bool(batch_dice)
 
-    def per_example(self, y_true, y_pred):
-        bce = _mean_per_example(binary_crossentropy(y_true, y_pred))
+    def per_example(self, y_true, y_pred, logits=None):
+        bce = _mean_per_example(binary_crossentropy(y_true, y_pred, logits))
         if self.batch_dice:  # the whole batch as one image: every example gets the batch's Dice term
             y_true, y_pred = y_true[None], y_pred[None]
         dice = tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2)
@@ -108,13 +122,15 @@ class BceDiceLoss(_SegmentationLoss):
         """[3, K]: sum over the batch of p * t, of p and of t per class, batch Dice's statistics (a
         strategy all-reduces them so that every replica scores the global batch)."""
         y_true, y_pred = as_float32(y_true, y_pred)
+        y_pred, _ = probabilities(y_pred, self.from_logits)
         axes = list(range(len(y_pred.shape) - 1))
         return ops.stack([ops.sum(y_true * y_pred, axis=axes), ops.sum(y_pred, axis=axes), ops.sum(y_true, axis=axes)])
 
     def per_example_with_sums(self, y_true, y_pred, sums):
         """per_example with the batch Dice term computed from `sums` (batch_sums of the global batch)."""
         y_true, y_pred = as_float32(y_true, y_pred)
-        bce = _mean_per_example(binary_crossentropy(y_true, y_pred))
+        y_pred, logits = probabilities(y_pred, self.from_logits)
+        bce = _mean_per_example(binary_crossentropy(y_true, y_pred, logits))
         tp, predicted, true = ops.unstack(sums, num=3)
         half = self.smooth / 2
         dice = (tp + half) / (0.5 * (predicted + true) + half)  # the Tversky index with alpha = beta = 1/2
@@ -134,7 +150,7 @@ class TverskyLoss(_SegmentationLoss):
                f"tversky: alpha and beta must be >= 0 and not both 0, got {alpha}, {beta}")
         super().__init__("tversky", {"alpha": alpha, "beta": beta, "smooth": smooth}, **kwargs)
 
-    def per_example(self, y_true, y_pred):
+    def per_example(self, y_true, y_pred, logits=None):
         return 1.0 - ops.mean(tversky_index(y_true, y_pred, self.alpha, self.beta, self.smooth), axis=-1)
 
 
@@ -151,10 +167,11 @@ class FocalLoss(_SegmentationLoss):
         check_option(0 <= alpha <= 1, f"focal: alpha must be in [0, 1], got {alpha}")
         super().__init__("focal", {"gamma": gamma, "alpha": alpha}, **kwargs)
 
-    def per_example(self, y_true, y_pred):
+    def per_example(self, y_true, y_pred, logits=None):
         p_t = y_true * y_pred + (1.0 - y_true) * (1.0 - y_pred)
         alpha_t = y_true * self.alpha + (1.0 - y_true) * (1.0 - self.alpha)
-        return _mean_per_example(alpha_t * ops.power(1.0 - p_t, self.gamma) * binary_crossentropy(y_true, y_pred))
+        bce = binary_crossentropy(y_true, y_pred, logits)
+        return _mean_per_example(alpha_t * ops.power(1.0 - p_t, self.gamma) * bce)
 
 
 LOSSES = {"bce_dice": BceDiceLoss, "tversky": TverskyLoss, "focal": FocalLoss}
@@ -176,9 +193,10 @@ def presence_targets(y_true):
     return ops.cast(ops.max(y_true, axis=(1, 2)) > 0.5, "float32")
 
 
-def presence_loss(y_true, presence):
-    """BCE of a presence head's [B, K] probabilities against the masks' presence, one value per example."""
-    return ops.mean(binary_crossentropy(presence_targets(y_true), ops.cast(presence, "float32")), axis=-1)
+def presence_loss(y_true, presence, from_logits: bool = False):
+    """BCE of a presence head's [B, K] probabilities (or logits) against the masks' presence, one value
+    per example."""
+    return ops.mean(binary_crossentropy(presence_targets(y_true), *probabilities(presence, from_logits)), axis=-1)
 
 
 def per_example_loss(loss: keras.losses.Loss, y_true, y_pred):

@@ -307,3 +307,13 @@ def _residual_block(x, filters: int, *, norm: str, dropout: float, prefix: str):
     x = _conv_norm(x, filters, norm, f"{prefix}_2")
     x = layers.Add(name=f"{prefix}_add")([x, shortcut])
     return layers.ReLU(name=f"{prefix}_relu2")(x)
+
+
+def logits_model(model: keras.Model) -> keras.Model:
+    """The same layers as `model` (shared weights) ending before the sigmoids: what the losses take in
+    training, so BCE is computed from logits."""
+    logits = model.get_layer("logits").output
+    if not isinstance(model.output, dict):
+        return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+    outputs = {"probabilities": logits, "presence": model.get_layer("presence_logits").output}
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_logits")

@@ -20,9 +20,13 @@ def plot_history(rows: list[dict], path: str | Path) -> None:
     fig = Figure(figsize=(9, 3.4))
     loss_ax, dice_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["loss"] for r in rows], "o-", color="#4878d0", label="train")
-    loss_ax.plot(epochs, [r["val_loss"] for r in rows], "o-", color="#d65f5f", label="validation")
+    validated = "val_dice" in rows[0]  # a run on every fold has no validation
+    if validated:
+        loss_ax.plot(epochs, [r["val_loss"] for r in rows], "o-", color="#d65f5f", label="validation")
+        dice_ax.plot(epochs, [r["val_dice"] for r in rows], "o-", color="#333333", linewidth=2, label="mean")
+    else:
+        dice_ax.text(0.5, 0.5, "no validation folds", ha="center", va="center", transform=dice_ax.transAxes)
     loss_ax.set_title("loss")
-    dice_ax.plot(epochs, [r["val_dice"] for r in rows], "o-", color="#333333", linewidth=2, label="mean")
     for name, color in zip(CLASSES, CLASS_COLORS, strict=True):
         key = f"val_dice_{name}"
         if key in rows[0]:
@@ -32,7 +36,8 @@ def plot_history(rows: list[dict], path: str | Path) -> None:
     for ax in (loss_ax, dice_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     with files.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

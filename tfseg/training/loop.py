@@ -37,11 +37,23 @@ class Log:
 
 
 
-def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss, config: Config,
-        train_data, val_data, image_data, steps_per_epoch: int, run_dir: Path, write_dir: Path,
-        chief: bool, resume: bool, log: Log) -> list[dict]:
+def describe(row: dict) -> str:
+    """One epoch's line: loss, validation loss and Dice per class (when the run validates), lr, time."""
+    text = f"loss {row['loss']:.4f}"
+    if "val_dice" in row:
+        dice = ", ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in CLASSES)
+        text += f", val_loss {row['val_loss']:.4f}, val_dice {row['val_dice']:.4f} ({dice})"
+    return text + f", lr {row['lr']:.2e}, {row['seconds']:.1f} s"
+
+
+def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, steps: Steps, iterator,
+        config: Config, val_data, image_data, steps_per_epoch: int, run_dir: Path, write_dir: Path,
+        chief: bool, resume: bool, log: Log, done_losses: list[float] = ()) -> list[dict]:
     """Train config.train.epochs epochs (continuing from the run folder's last checkpoint if resume);
-    return the history rows. Every worker must call this; only the chief writes run_dir."""
+    return the history rows. done_losses: losses of epoch 1's steps already taken (a time budget's
+    timing steps). val_data None: no validation (training on every fold). Every worker must call
+    this; only the chief writes run_dir. The run's model ends with the last weights (their moving
+    average with train.ema): nothing is selected on the validation folds, which evaluate scores."""
     t, run = config.train, RunFolder(run_dir)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
@@ -52,12 +64,10 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
         log(f"resumed from {latest}: {int(epoch_var.numpy())} of {t.epochs} epochs done")
     start = int(epoch_var.numpy())
     history = read_history(run_dir, start) if latest else []
-    best = max((row["val_dice"] for row in history), default=-math.inf)
     if chief:
         write_history(run_dir, history)
+    done_losses = list(done_losses) if start == 0 else []
 
-    steps = Steps(strategy, model, optimizer, loss, config.data.batch_size, config)
-    iterator = iter(train_data)
     writers = {name: tf.summary.create_file_writer(str(run.logs / name)) for name in ("train", "validation")} \
         if chief else {}
     profiler = Profiler(t.profile_batches if chief else None, run.logs / "train")
@@ -69,8 +79,9 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
             began = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="step", leave=False,
                        disable=not (chief and log.bars), dynamic_ncols=True)
-            total = 0.0
-            for i in range(steps_per_epoch):
+            total = sum(done_losses) if epoch == 1 else 0.0
+            bar.update(len(done_losses) if epoch == 1 else 0)
+            for i in range(len(done_losses) if epoch == 1 else 0, steps_per_epoch):
                 step += 1
                 profiler.before(step)
                 value = float(steps.train_step(iterator))
@@ -84,24 +95,18 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
                 bar.update()
                 bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
             bar.close()
-            row = {"epoch": epoch, "loss": total / steps_per_epoch, **steps.evaluate(val_data),
+            row = {"epoch": epoch, "loss": total / steps_per_epoch,
+                   **(steps.evaluate(val_data) if val_data is not None else {}),
                    "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
                    "seconds": time.perf_counter() - began}
             history.append(row)
-            improved = row["val_dice"] > best
-            best = max(best, row["val_dice"])
             if chief:
                 log_epoch(writers, row, epoch, model, image_data, config, t.epochs)
                 # history first, then the checkpoint: a kill in between redoes this epoch, never skips it
                 write_history(run_dir, history)
-                if improved:
-                    save_keras(run.best_weights, model.save_weights)
             epoch_var.assign(epoch)
             manager.save(checkpoint_number=epoch)
-            dice = ", ".join(f"{c} {row[f'val_dice_{c}']:.3f}" for c in CLASSES)
-            log(f"epoch {epoch}/{t.epochs}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}, "
-                f"val_dice {row['val_dice']:.4f} ({dice}), lr {row['lr']:.2e}, {row['seconds']:.1f} s"
-                + (" [best]" if improved else ""))
+            log(f"epoch {epoch}/{t.epochs}: {describe(row)}")
     except strategy_lib.LOST_WORKER_ERRORS as err:
         lost = strategy_lib.lost_worker(strategy, err)
         if lost is None:
@@ -109,6 +114,7 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, loss
         raise TrainingStopped(f"{lost}; training stopped. Start every worker again with the same command: "
                               f"they resume from the last checkpoint in {run.checkpoints}") from None
     profiler.stop()  # the run may have ended inside the profiled range
+    optimizer.finalize_variable_values(model.trainable_variables)  # train.ema: the averaged weights
     if chief:
         save_keras(run.final_model, model.save)
         if history:

@@ -77,15 +77,12 @@ def start_run_dir(run_dir: str | os.PathLike, config: Config, *, fresh: bool) ->
 
 
 def load_run_model(run_dir: str | os.PathLike) -> tuple[Config, keras.Model, Path]:
-    """(config, float32 Keras model, weights file used) of a run folder: the architecture of its
-    model.keras with the best validation weights (best.weights.h5) when the run wrote them."""
+    """(config, float32 Keras model, weights file used) of a run folder: its model.keras, the weights
+    at the end of the schedule (or their moving average), chosen by nothing the validation folds said.
+    A best.weights.h5 that older tfseg versions picked by validation Dice is ignored."""
     run = RunFolder(run_dir)
     config = load_config(run.config)
     source = run.final_model
     if not source.exists():
         raise DataError(f"{source}: missing; not a finished tfseg run folder (train it, or resume it)")
-    model = float32_model(keras.models.load_model(source, compile=False))
-    if run.best_weights.exists():
-        source = run.best_weights
-        model.load_weights(source)
-    return config, model, source
+    return config, float32_model(keras.models.load_model(source, compile=False)), source

@@ -3,7 +3,8 @@
 Keras' model.fit breaks under MultiWorkerMirroredStrategy with 2+ workers (keras-team/keras#20585),
 so training is one tf.distribute loop for all strategies: a tf.function step run with strategy.run,
 per-example losses averaged over the GLOBAL batch (tf.nn.compute_average_loss), gradients summed over
-replicas once, clipped by their global norm, then applied.
+replicas once, clipped by their global norm, then applied. The losses take the model's logits (a view
+of the same layers), so BCE is exact under any precision.
 """
 
 import keras
@@ -15,7 +16,8 @@ from tfseg.config import Config
 from tfseg.data.augment import finish_batch
 from tfseg.model.losses import BceDiceLoss, per_example_loss, presence_loss, presence_targets
 from tfseg.model.metrics import DiceMetric, IoUMetric
-from tfseg.model.unet import split_outputs
+from tfseg.model.unet import logits_model, split_outputs
+from tfseg.training.optimizer import loss_scale
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -28,6 +30,10 @@ class Steps:
         self.strategy, self.model, self.optimizer, self.loss = strategy, model, optimizer, loss
         self.global_batch, self.train_config = global_batch, config.train
         self.presence_weight = config.loss.presence_weight
+        self.from_logits = getattr(loss, "from_logits", False)
+        self.network = logits_model(model) if self.from_logits else model
+        if strategy.num_replicas_in_sync > 1:
+            check_optimizer_sums_replicas(strategy)
         self.augment = config.augment if config.augment.device == "accelerator" else None
         # Batch Dice over the global batch: each replica all-reduces the batch's Dice sums inside its step.
         self.global_dice = (isinstance(loss, BceDiceLoss) and loss.batch_dice
@@ -43,10 +49,10 @@ class Steps:
 
     def _gradients_fn(self, x, y):
         with tf.GradientTape() as tape:
-            pred, presence = split_outputs(self.model(x, training=True))
+            pred, presence = split_outputs(self.network(x, training=True))
             per_example = self._per_example(y, pred)
             if presence is not None:
-                per_example += self.presence_weight * presence_loss(y, presence)
+                per_example += self.presence_weight * presence_loss(y, presence, self.from_logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
             if self.model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -78,9 +84,8 @@ class Steps:
         # Sum once here so that clipping (and the loss-scale finite check) sees the full-batch
         # gradient on every replica; Keras' optimizer sums again, hence the division.
         grads = context.all_reduce(SUM, grads)
-        if self.train_config.clip_norm > 0:
-            scale = getattr(self.optimizer, "dynamic_scale", 1.0)  # clip the unscaled norm
-            grads, _ = tf.clip_by_global_norm(grads, self.train_config.clip_norm * scale)
+        if self.train_config.clip_norm > 0:  # clip the unscaled norm
+            grads, _ = tf.clip_by_global_norm(grads, self.train_config.clip_norm * loss_scale(self.optimizer))
         replicas = context.num_replicas_in_sync
         self.optimizer.apply([g / replicas for g in grads], self.model.trainable_variables)
         return loss
@@ -92,11 +97,13 @@ class Steps:
     def _replica_eval(self, x, y):
         """[loss sum, examples, intersection (K), predicted (K), true (K), and with a presence head its
         true positives, false positives, false negatives, true negatives (K each)]: one all-reduce."""
-        pred, presence = split_outputs(self.model(x, training=False))
+        pred, presence = split_outputs(self.network(x, training=False))
         y = tf.cast(y, tf.float32)
         per_example = self._per_example(y, pred)
         if presence is not None:
-            per_example += self.presence_weight * presence_loss(y, presence)
+            per_example += self.presence_weight * presence_loss(y, presence, self.from_logits)
+            presence = tf.sigmoid(tf.cast(presence, tf.float32)) if self.from_logits else presence
+        pred = tf.sigmoid(tf.cast(pred, tf.float32)) if self.from_logits else pred
         true = tf.cast(y > 0.5, tf.float32)
         hard = tf.cast(pred > self.train_config.threshold, tf.float32)
         sums = [tf.reduce_sum(v, axis=[0, 1, 2]) for v in (true * hard, hard, true)]
@@ -128,3 +135,20 @@ class Steps:
                     **{f"val_presence_accuracy_{c}": float(v) for c, v in zip(CLASSES, accuracy, strict=True)}}
         return row
 
+
+
+def check_optimizer_sums_replicas(strategy: tf.distribute.Strategy) -> None:
+    """The replica step all-reduces the gradients itself (to clip the global batch's gradient) and then
+    divides by the replica count, because Keras' optimizer.apply sums the replicas' gradients again
+    (keras/src/backend/tensorflow/optimizer.py, _all_reduce_sum_gradients). That is Keras' internal
+    behaviour, not its API: measure it on a throwaway variable and stop if it has changed."""
+    with strategy.scope():
+        probe = keras.Variable(0.0, name="replica_sum_probe")
+        sgd = keras.optimizers.SGD(1.0)
+        sgd.build([probe])
+    tf.function(lambda: strategy.run(lambda: sgd.apply([tf.ones(())], [probe])))()
+    counted = -float(probe.numpy())
+    if abs(counted - strategy.num_replicas_in_sync) > 1e-6:
+        raise RuntimeError(f"Keras' optimizer.apply counted each replica's gradient {counted:g} times over "
+                           f"{strategy.num_replicas_in_sync} replicas, where tfseg's step expects it to sum them: "
+                           "the installed Keras changed how it reduces gradients (tfseg.training.steps)")

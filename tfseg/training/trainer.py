@@ -3,6 +3,7 @@ under the strategy's scope, and run the loop. `python -m tfseg.train` is its com
 
 import copy
 import dataclasses
+import time
 from pathlib import Path
 
 import keras
@@ -13,10 +14,12 @@ from tfseg.data.pipeline import count_slices, eval_dataset, train_dataset
 from tfseg.errors import ConfigError
 from tfseg.layout import read_manifest
 from tfseg.model.build import build_loss, build_model, resolve_norm
+from tfseg.training import budget
 from tfseg.training import strategy as strategy_lib
 from tfseg.training.loop import Log, fit
-from tfseg.training.optimizer import make_optimizer
+from tfseg.training.optimizer import make_optimizer, schedule_of, warmup_steps
 from tfseg.training.run_folder import check_run_dir, start_run_dir
+from tfseg.training.steps import Steps
 from tfseg.training.tensorboard import parse_profile, validation_images
 
 
@@ -26,6 +29,7 @@ class Result:
     history: list[dict]
     config: Config  # with the strategy and precision actually used
     chief: bool
+    minutes: float  # from the call to the model saved
 
 
 def train_folds(config: Config) -> list[int]:
@@ -46,6 +50,7 @@ def train_folds(config: Config) -> list[int]:
 
 def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress: bool = True) -> Result:
     """Train under the strategy and precision of config.train; see the module docstring."""
+    started = time.perf_counter()
     run_dir, t = Path(run_dir), config.train
     parse_profile(t.profile_batches)  # a bad value fails now, not mid-run
     strategy = strategy_lib.make_strategy(t.strategy, t.tpu, t.cpu_replicas)
@@ -61,12 +66,18 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     batch = config.data.batch_size
     if batch % strategy.num_replicas_in_sync:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by the {strategy.num_replicas_in_sync} replicas")
+    if t.budget_minutes and not fresh:
+        budget.adopt_plan(resolved, run_dir)
     resume = check_run_dir(run_dir, resolved, fresh=fresh)
-    steps_per_epoch = t.steps_per_epoch or max(1, count_slices(config.data.records, folds,
-                                                                    config.data.keep_empty) // batch)
+    to_plan = bool(t.budget_minutes) and resolved.train.steps_per_epoch is None
+    steps_per_epoch = resolved.train.steps_per_epoch or max(1, count_slices(config.data.records, folds,
+                                                                             config.data.keep_empty) // batch)
+    validate = bool(config.data.val_folds)
     log(f"strategy {resolved.train.strategy} ({strategy.num_replicas_in_sync} replicas on {kind}), precision "
         f"{precision}{', XLA' if resolved.train.jit_compile else ''}; train folds {folds}, validation folds "
-        f"{list(config.data.val_folds)}; {steps_per_epoch} steps of {batch} per epoch; run folder {run_dir}")
+        f"{list(config.data.val_folds) if validate else 'none (nothing validates, nothing is selected)'}; "
+        + ("steps per epoch from the time budget" if to_plan else f"{steps_per_epoch} steps of {batch} per epoch")
+        + f"; run folder {run_dir}")
 
     def val_pairs(context: tf.distribute.InputContext | None = None):
         per_replica = context.get_per_replica_batch_size(batch) if context else batch
@@ -83,17 +94,26 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
             optimizer = make_optimizer(t, steps_per_epoch, precision)
             optimizer.build(model.trainable_variables)
             loss = build_loss(config)
-        if chief:  # only now: bad input (a weights file that does not fit, say) leaves the folder as it was
-            start_run_dir(run_dir, resolved, fresh=fresh)
         train_data = strategy.distribute_datasets_from_function(
             lambda context: train_dataset(config, folds, input_context=context, global_batch_size=batch))
-        val_data = strategy.distribute_datasets_from_function(val_pairs)
-        images = validation_images(val_pairs()) if chief and t.image_log_every else (None, None)
-        history = fit(strategy=strategy, model=model, optimizer=optimizer, loss=loss, config=resolved,
-                      train_data=train_data, val_data=val_data, image_data=images,
-                      steps_per_epoch=steps_per_epoch, run_dir=run_dir, write_dir=write_dir, chief=chief,
-                      resume=resume, log=log)
+        val_data = strategy.distribute_datasets_from_function(val_pairs) if validate else None
+        steps = Steps(strategy, model, optimizer, loss, batch, resolved)
+        iterator = iter(train_data)
+        done_losses = []
+        if to_plan:
+            done_losses, plan = budget.plan_run(strategy, steps, iterator, val_data, config, started)
+            resolved.train.epochs, resolved.train.steps_per_epoch = plan.epochs, plan.steps_per_epoch
+            steps_per_epoch = plan.steps_per_epoch
+            schedule_of(optimizer).set_steps(plan.epochs * steps_per_epoch, warmup_steps(t, steps_per_epoch))
+            log(plan.describe(t.budget_minutes, time.perf_counter() - started))
+        if chief:  # only now: bad input (a weights file that does not fit, too short a budget) writes nothing
+            start_run_dir(run_dir, resolved, fresh=fresh)
+        images = validation_images(val_pairs()) if chief and t.image_log_every and validate else (None, None)
+        history = fit(strategy=strategy, model=model, optimizer=optimizer, steps=steps, iterator=iterator,
+                      config=resolved, val_data=val_data, image_data=images, steps_per_epoch=steps_per_epoch,
+                      run_dir=run_dir, write_dir=write_dir, chief=chief, resume=resume, log=log,
+                      done_losses=done_losses)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         strategy_lib.remove_write_dir(write_dir, run_dir)
-    return Result(model, history, resolved, chief)
+    return Result(model, history, resolved, chief, (time.perf_counter() - started) / 60)
