@@ -44,11 +44,14 @@ def test_config_choices_match_the_encoders():
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_every_encoder_builds_and_predicts(encoder):
-    model = build_unet((64, 64, 3), 3, depth=5, base_filters=4, encoder=encoder)
-    probs = keras.ops.convert_to_numpy(model(scans((64, 64, 3)), training=False))
+    """With 5 context slices, which the backbone takes itself (no 1x1 conv down to RGB in front of it)."""
+    model = build_unet((64, 64, 5), 3, depth=5, base_filters=4, encoder=encoder)
+    probs = keras.ops.convert_to_numpy(model(scans((64, 64, 5)), training=False))
     assert probs.shape == (2, 64, 64, 3) and probs.dtype == np.float32
     assert np.isfinite(probs).all() and ((probs >= 0) & (probs <= 1)).all()
     assert [tuple(o.shape[1:3]) for o in model.get_layer("encoder").outputs] == STRIDES
+    assert model.get_layer("encoder").inputs[0].shape[-1] == 5
+    assert not any(layer.name == "to_rgb" for layer in model.layers)
 
 
 @pytest.mark.parametrize("encoder", ["efficientnetb4", "convnext_tiny"])
@@ -187,3 +190,66 @@ def test_imagenet_download_failure_is_explained_for_efficientnet_b(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", offline)
     with pytest.raises(RuntimeError, match="could not be downloaded.*encoder_weights: null"):
         build_unet((64, 64, 3), encoder="efficientnetb4", encoder_weights="imagenet")
+
+
+def _rgb_weights_file(encoder: str, folder: Path) -> Path:
+    """A random 3-channel backbone of `encoder` saved as a local weights file, as _backbone builds it."""
+    keras.utils.set_random_seed(1)
+    if encoder == "efficientnetb4":  # Keras' own *_notop.h5 layout (legacy HDF5, by layer name)
+        path = folder / "efficientnetb4_notop.h5"
+        saved = keras.applications.EfficientNetB4(include_top=False, weights=None, input_shape=(64, 64, 3))
+        with h5py.File(path, "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, saved)
+        return path
+    constructor = getattr(keras.applications, ENCODERS[encoder][0])
+    options = {} if encoder == "resnet50" else {"include_preprocessing": False}
+    saved = constructor(include_top=False, weights=None, input_shape=(64, 64, 3), **options)
+    path = folder / f"{encoder}.weights.h5"
+    saved.save_weights(path)
+    return path
+
+
+def _outputs(model: keras.Model, layer: str, x: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(keras.Model(model.inputs[0], model.get_layer(layer).output)(x))
+
+
+# encoder -> the layer read as "the stem's output" (EfficientNet B: its linear conv, see below)
+STEMS = {"efficientnetv2b0": "stem_activation", "resnet50": "conv1_relu", "convnext_tiny": "convnext_tiny_stem",
+         "efficientnetb4": "stem_conv"}
+
+
+@pytest.mark.parametrize("encoder", STEMS)
+def test_k_slices_inflate_the_pretrained_stem(encoder, tmp_path):
+    """5 slices into a backbone whose RGB weights come from a file: a grey scan (the same on every slice)
+    gives the 3-channel backbone's stem output and features on that grey image. EfficientNet B normalises
+    each RGB channel with its own ImageNet mean, which one mean over K slices cannot reproduce: there the
+    stem conv's response to a change of grey level is the RGB one (its output up to a constant per filter)."""
+    path = _rgb_weights_file(encoder, tmp_path)
+    rgb = build_unet((64, 64, 3), base_filters=4, encoder=encoder, encoder_weights=str(path)).get_layer("encoder")
+    model = build_unet((64, 64, 5), base_filters=4, encoder=encoder, encoder_weights=str(path))
+    assert not any(layer.name == "to_rgb" for layer in model.layers)
+    k5 = model.get_layer("encoder")
+    assert k5.inputs[0].shape[-1] == 5
+    grey = scans((64, 64, 1), seed=3)
+    dark = 0.5 * grey
+    stem = STEMS[encoder]
+    if encoder == "efficientnetb4":
+        change_rgb = _outputs(rgb, stem, np.repeat(grey, 3, -1)) - _outputs(rgb, stem, np.repeat(dark, 3, -1))
+        change_k5 = _outputs(k5, stem, np.repeat(grey, 5, -1)) - _outputs(k5, stem, np.repeat(dark, 5, -1))
+        np.testing.assert_allclose(change_k5, change_rgb, rtol=1e-4, atol=1e-4 * np.abs(change_rgb).max())
+        return
+    want = _outputs(rgb, stem, np.repeat(grey, 3, -1))
+    np.testing.assert_allclose(_outputs(k5, stem, np.repeat(grey, 5, -1)), want, rtol=1e-4, atol=1e-5)
+    # ... and through the whole backbone (ConvNeXt's stride-2 conv is tfseg's own, random in both)
+    first = 1 if encoder.startswith("convnext") else 0
+    for got, expected in list(zip(k5(np.repeat(grey, 5, -1)), rgb(np.repeat(grey, 3, -1)), strict=True))[first:]:
+        expected = keras.ops.convert_to_numpy(expected)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, rtol=1e-3,
+                                   atol=1e-4 * np.abs(expected).max())
+    if encoder in ("efficientnetv2b0", "resnet50"):  # the backbone as Keras builds it, not through tfseg
+        saved = getattr(keras.applications, ENCODERS[encoder][0])(
+            include_top=False, weights=None, input_shape=(64, 64, 3),
+            **({} if encoder == "resnet50" else {"include_preprocessing": False}))
+        saved.load_weights(path)
+        np.testing.assert_allclose(_outputs(saved, stem, np.repeat(grey, 3, -1)), want, rtol=1e-5, atol=1e-6)
+

@@ -16,6 +16,7 @@ from tfseg import CLASSES, cli, files, inspect_records, make_records
 from tfseg.errors import DataError
 from tfseg.kaggle import rle
 from tfseg.layout import SHARD_PATTERN
+from tfseg.records import inspect as records_inspect
 from tfseg.records import reader, shards
 from tfseg.records.writer import build_records
 
@@ -361,3 +362,59 @@ def test_help_and_inspect(tmp_path, capsys, records_dir):
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert pngs == ["fold0.png", "fold1.png"]
     assert cv2.imread(str(tmp_path / "png" / "fold0.png")).shape[2] == 3
+
+
+# case7_day0 is one of the competition's known-mislabelled case-days; case3 and case9 give two folds.
+MISLABELLED_LAYOUT = {"case7_day0": (3, 12, 16), "case3_day1": (4, 12, 16), "case9_day2": (3, 12, 16)}
+
+
+def test_known_mislabelled_excluded_unless_kept(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_layout(data, MISLABELLED_LAYOUT)
+    out = tmp_path / "rec"
+    assert make_records.main(["--data-dir", str(data), "--out", str(out), "--folds", "2", "--workers", "1",
+                              "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["excluded"] == [{"id": "case7_day0", "reason": "known mislabelled in the competition data"}]
+    assert manifest["settings"]["excluded_mislabelled"] == ["case7_day0"]
+    assert {v["case_day"] for v in reader.read_volumes(out)} == {"case3_day1", "case9_day2"}
+    assert manifest["num_volumes"] == 2 and manifest["num_slices"] == 7
+    assert "excluded as known mislabelled: 1\n  case7_day0: known mislabelled" in printed.out
+    assert "left out 1 case-day(s) known to be mislabelled" in printed.err and "case7_day0" in printed.err
+    assert inspect_records.main([str(out)]) == 0
+    assert "case7_day0: known mislabelled in the competition data" in capsys.readouterr().out
+
+    # Keeping them is another setting: refused over the first records unless --overwrite, then kept.
+    with pytest.raises(DataError, match=r"known-mislabelled case-days left out: case7_day0 -> none.*--overwrite"):
+        _build(data, out, keep_mislabelled=True)
+    kept = _build(data, out, keep_mislabelled=True, overwrite=True)
+    assert kept["excluded"] == [] and kept["kept_mislabelled"] == ["case7_day0"]
+    assert "excluded_mislabelled" not in kept["settings"]
+    assert {v["case_day"] for v in reader.read_volumes(out)} == set(MISLABELLED_LAYOUT)
+    assert kept["num_slices"] == 10
+    assert "kept although known mislabelled (--keep-mislabelled): case7_day0" in records_inspect.summary(kept)
+
+
+def test_records_made_before_the_mislabelled_rule(tmp_path, layout):
+    """A manifest written before make_records knew of mislabelled case-days (no 'excluded', no setting):
+    without them in the data it stays up to date; with them, the refusal says what changed."""
+    root, _ = layout
+    out = tmp_path / "rec"
+    manifest = _build(root, out)
+    assert "excluded_mislabelled" not in manifest["settings"] and manifest["excluded"] == []
+    old = {k: v for k, v in manifest.items() if k not in ("excluded", "kept_mislabelled")}
+    files.write_json(out / "manifest.json", old)
+    assert _build(root, out) == old  # up to date: nothing rewritten
+    assert "known-mislabelled case-days: not recorded" in records_inspect.summary(old)
+
+    data = tmp_path / "data7"
+    write_layout(data, MISLABELLED_LAYOUT)
+    out7 = tmp_path / "rec7"
+    legacy = _build(data, out7, keep_mislabelled=True)  # what make_records wrote before the rule
+    legacy = {k: v for k, v in legacy.items() if k not in ("excluded", "kept_mislabelled")}
+    files.write_json(out7 / "manifest.json", legacy)
+    with pytest.raises(DataError, match=r"left out: none -> case7_day0 \(make_records leaves them out unless "
+                                        r"--keep-mislabelled; records made before that rule kept them\)"):
+        _build(data, out7)
+    assert _build(data, out7, keep_mislabelled=True) == legacy

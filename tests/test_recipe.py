@@ -1,6 +1,8 @@
 """What won the competition, in tfseg: the presence head and empty-slice gating, flip TTA, fold ensembles
 in one SavedModel, and cross-validation as a command."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -15,11 +17,12 @@ import tensorflow as tf
 from numpy.testing import assert_allclose
 
 from tests.test_export import TINY, tiny_run
-from tfseg import cli, cv, export, layout
+from tfseg import cli, cv, evaluate, export, layout
 from tfseg.config import load_config, save_config
 from tfseg.errors import ConfigError
 from tfseg.evaluation.postprocess import Postprocess, slice_masks
 from tfseg.evaluation.predictors import keras_predictor
+from tfseg.evaluation.scoring import evaluate_run
 from tfseg.model.inference import averaged, parse_tta
 from tfseg.model.losses import presence_loss, presence_targets
 from tfseg.model.unet import build_unet, split_outputs
@@ -155,15 +158,20 @@ def _second_run(records_dir, root: Path, overrides=()) -> Path:
 
 @pytest.fixture(scope="module")
 def ensemble(records_dir, tmp_path_factory):
+    """Run a (augment.flip_horizontal false, the default) and run b (trained with it), exported with hflip
+    TTA: only with --allow-untrained-tta, because of run a. Returns (runs, out, stderr of the export)."""
     root = tmp_path_factory.mktemp("ensemble")
-    runs = [tiny_run(records_dir, root / "a"), _second_run(records_dir, root / "b")]
+    runs = [tiny_run(records_dir, root / "a"), _second_run(records_dir, root / "b", ["augment.flip_horizontal=true"])]
     out = root / "models" / "1"
-    assert export.main([*sum((["--run", str(r)] for r in runs), []), "--tta", "hflip", "--out", str(out)]) == 0
-    return runs, out
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert export.main([*sum((["--run", str(r)] for r in runs), []), "--tta", "hflip", "--allow-untrained-tta",
+                            "--out", str(out)]) == 0
+    return runs, out, err.getvalue()
 
 
 def test_ensemble_saved_model_averages_its_members(ensemble):
-    runs, out = ensemble
+    runs, out, _ = ensemble
     info = layout.read_info(out)
     assert len(info["members"]) == 2 and info["tta"] == ["hflip"] and info["source"] is None
     members = [keras.models.load_model(layout.RunFolder(r).final_model, compile=False) for r in runs]
@@ -176,7 +184,7 @@ def test_ensemble_saved_model_averages_its_members(ensemble):
 
 def test_ensemble_is_served_in_a_fresh_process_without_tfseg(ensemble, synth_dir, tmp_path):
     """TF Serving's view: load the SavedModel in a process that never imports tfseg, answer a PNG request."""
-    _, out = ensemble
+    _, out, _ = ensemble
     scans = sorted((synth_dir / "train").glob("case*/case*_day*/scans"))[0]
     pngs = sorted(scans.glob("*.png"))[:3]
     code = ("import sys, tensorflow as tf; m = tf.saved_model.load(sys.argv[1]); "
@@ -187,6 +195,45 @@ def test_ensemble_is_served_in_a_fresh_process_without_tfseg(ensemble, synth_dir
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(1, " in done.stdout and "float32" in done.stdout
+
+
+def test_untrained_flip_tta_is_allowed_loudly_and_recorded(ensemble):
+    runs, out, err = ensemble
+    assert err.count("WARNING: --allow-untrained-tta") == 1
+    assert f"{runs[0]}" in err and "augment.flip_horizontal is false" in err and str(runs[1]) not in err
+    members = layout.read_info(out)["members"]
+    assert [m["trained_flips"] for m in members] == [[], ["hflip"]]
+    assert [m["path"] for m in members] == [str(layout.RunFolder(r).final_model) for r in runs]
+
+
+@pytest.mark.parametrize(("overrides", "tta", "refused", "setting"), [
+    ([], "hflip", "a", "augment.flip_horizontal"),
+    (["augment.flip_horizontal=true"], "hflip,vflip", "b", "augment.flip_vertical"),
+    (["augment.flip_horizontal=true", "augment.enabled=false"], "hflip", "b", "augment.enabled"),
+])
+def test_flip_tta_refused_for_a_run_not_trained_with_it(records_dir, tmp_path, capsys, overrides, tta, refused,
+                                                        setting):
+    runs = {"a": _second_run(records_dir, tmp_path / "a", overrides),
+            "b": _second_run(records_dir, tmp_path / "b", ["augment.flip_horizontal=true", *overrides])}
+    out = tmp_path / "models" / "1"
+    args = ["--run", str(runs["a"]), "--run", str(runs["b"]), "--tta", tta, "--out", str(out)]
+    if refused == "b":
+        args = args[2:]  # run b alone
+    assert cli.run(export.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tta: ") and f"{runs[refused]} was not trained with" in err
+    assert f"({setting} is false)" in err and "--allow-untrained-tta" in err
+    assert not out.parent.exists()
+    # evaluate applies the same rule to a run's Keras model, before predicting anything
+    assert cli.run(evaluate.main, ["--run", str(runs[refused]), "--tta", tta, "--no-progress"]) == 2
+    assert f"({setting} is false)" in capsys.readouterr().err
+    assert not layout.RunFolder(runs[refused]).eval_dir.exists()
+
+
+def test_flip_tta_of_a_run_trained_with_flips_is_not_refused(records_dir, tmp_path, capsys):
+    run = _second_run(records_dir, tmp_path / "b", ["augment.flip_horizontal=true", "augment.flip_vertical=true"])
+    summary, _ = evaluate_run(run, tta="hflip,vflip", limit=1, progress=False)
+    assert summary["tta"] == ["hflip", "vflip"] and "WARNING" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("override", "setting"), [("data.offsets=[-1,0,1]", "data.offsets"),

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the pixel rule's probability (default: the run's train.min_pixel_probability)")
     parser.add_argument("--tta", default="", metavar="MODES",
                         help="flip test-time augmentation of the run's model: hflip, vflip or hflip,vflip "
-                             "(an exported --model keeps its own)")
+                             "(an exported --model keeps its own); the run must have been trained with the flip "
+                             "(augment.flip_horizontal / flip_vertical)")
+    parser.add_argument("--allow-untrained-tta", action="store_true",
+                        help="apply --tta even if the run was not trained with that flip (a warning, not an error)")
     parser.add_argument("--empty-dice", choices=tuple(EMPTY_DICE), default="skip",
                         help="leaderboard Dice of rows empty in both: skip (the host's ruling, default), zero or one")
     parser.add_argument("--hausdorff", choices=HAUSDORFF_MODES, default="joined",
@@ -57,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                  "min_component_fraction": args.min_component_fraction, "presence_threshold": args.presence_threshold,
                  "min_pixels": args.min_pixels, "min_pixel_probability": args.min_pixel_probability}
     summary, out = evaluate_run(args.run, folds=args.folds, model=args.model, out=args.out, batch_size=args.batch_size,
-                                post_overrides=overrides, tta=args.tta, limit=args.limit, empty_dice=args.empty_dice,
-                                hausdorff=args.hausdorff, progress=not args.no_progress)
+                                post_overrides=overrides, tta=args.tta, allow_untrained_tta=args.allow_untrained_tta,
+                                limit=args.limit, empty_dice=args.empty_dice, hausdorff=args.hausdorff,
+                                progress=not args.no_progress)
     print(f"\n{summary['model']}, fold(s) {', '.join(map(str, summary['folds']))}:")
     print(format_table(summary))
     print(f"wrote {', '.join(map(str, report_files(out)))}")

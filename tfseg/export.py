@@ -3,7 +3,8 @@
 `python -m tfseg.export --run runs/NAME --out saved_models/NAME/1` writes `saved_model.pb` +
 `variables/` with two signatures, plus `assets.extra/` (a warm-up request and tfseg.json).
 `--run A --run B` (or `--cv runs/NAME`) exports an ensemble that averages the runs' probabilities,
-`--tta hflip` adds flip test-time augmentation; the signatures stay the same:
+`--tta hflip` adds flip test-time augmentation (refused for a run not trained with that flip, see
+augment.flip_horizontal / flip_vertical, unless `--allow-untrained-tta`); the signatures stay the same:
 
 - `serving_default`: `slices` string [N, K], each a 16-bit greyscale PNG (K = len(data.offsets) context
   slices, all of one size) -> `probabilities` float32 [N, H, W, 3] and `masks` uint8 [N, H, W, 3] at the
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     "folder written by tfseg.cv (DIR/fold*/)")
     parser.add_argument("--tta", default="", metavar="MODES",
                         help="test-time augmentation in the serving graph: hflip, vflip or hflip,vflip (average of "
-                             "the flipped inputs' probabilities, flipped back); default none")
+                             "the flipped inputs' probabilities, flipped back); default none. Each run must "
+                             "have been trained with the flip (augment.flip_horizontal / flip_vertical)")
+    parser.add_argument("--allow-untrained-tta", action="store_true",
+                        help="apply --tta even to runs not trained with that flip (a warning, not an error)")
     parser.add_argument("--out", help=f"version folder to write, e.g. {layout.SAVED_MODELS_DIR}/NAME/1 "
                                       f"(default: {layout.SAVED_MODELS_DIR}/<run name>/<next version>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the version folder if it exists")
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(layout.SAVED_MODELS_DIR) / name
     if not args.out:
         out = out / str(layout.next_version(out))
-    export(runs, out, overwrite=args.overwrite, chunk=args.chunk, tta=args.tta)
+    export(runs, out, overwrite=args.overwrite, chunk=args.chunk, tta=args.tta,
+           allow_untrained_tta=args.allow_untrained_tta)
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tfseg import cli, layout
 from tfseg.kaggle import synth
+from tfseg.kaggle.index import KNOWN_MISLABELLED
 from tfseg.records import inspect
 from tfseg.records.writer import build_records
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                         help="bad input: fail (stop, write nothing) or skip (leave it out, list it in the "
                              "manifest) (default: %(default)s)")
+    parser.add_argument("--keep-mislabelled", action="store_true",
+                        help="keep the case-days known to be mislabelled in the competition data "
+                             f"({', '.join(KNOWN_MISLABELLED)}); by default they are left out and listed "
+                             "under 'excluded' in the manifest")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace records in --out made from other data or with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
@@ -37,12 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = synth.ensure_dataset() if args.data_dir is None else Path(args.data_dir)
     manifest = build_records(data_dir, args.out, folds=args.folds, workers=args.workers,
                              shard_mb=args.shard_mb, on_error=args.on_error, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             keep_mislabelled=args.keep_mislabelled, progress=not args.no_progress)
     print(inspect.summary(manifest))
     if manifest["skipped"]:
         first = manifest["skipped"][0]
         print(f"warning: {len(manifest['skipped'])} item(s) skipped as bad input (listed under 'skipped' in "
               f"{Path(args.out) / layout.MANIFEST}); first: {first['id']}: {first['reason']}", file=sys.stderr)
+    if manifest.get("excluded"):
+        print(f"note: left out {len(manifest['excluded'])} case-day(s) known to be mislabelled in the "
+              f"competition data ({', '.join(e['id'] for e in manifest['excluded'])}); --keep-mislabelled "
+              "keeps them", file=sys.stderr)
+    if manifest.get("kept_mislabelled"):
+        print(f"warning: kept case-day(s) known to be mislabelled ({', '.join(manifest['kept_mislabelled'])}) "
+              "because of --keep-mislabelled", file=sys.stderr)
     return 0
 
 

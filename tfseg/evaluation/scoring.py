@@ -17,7 +17,7 @@ from tfseg.evaluation.postprocess import Postprocess
 from tfseg.evaluation.predictors import Predictor, keras_predictor, predict_volumes, saved_model_predictor
 from tfseg.evaluation.report import write_report
 from tfseg.layout import RunFolder, read_info, read_manifest
-from tfseg.model.inference import parse_tta
+from tfseg.model.inference import check_tta, parse_tta
 from tfseg.records.reader import read_volumes
 from tfseg.training.run_folder import load_run_model
 
@@ -72,11 +72,13 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
 
 
 def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = None, out: str | Path | None = None,
-                 batch_size: int = 16, post_overrides: dict | None = None, tta=(), limit: int | None = None,
-                 empty_dice: str = "skip", hausdorff: str = "joined", progress: bool = True) -> tuple[dict, Path]:
+                 batch_size: int = 16, post_overrides: dict | None = None, tta=(), allow_untrained_tta: bool = False,
+                 limit: int | None = None, empty_dice: str = "skip", hausdorff: str = "joined",
+                 progress: bool = True) -> tuple[dict, Path]:
     """Evaluate a run folder's best model (with flip `tta`), or an export `model` (its predict_float
     signature, with the TTA and members it was exported with), on `folds` (default: the run's validation
-    folds), post-processed as the run's config says except for `post_overrides` (Postprocess fields);
+    folds), post-processed as the run's config says except for `post_overrides` (Postprocess fields); a
+    flip in tta must be one the run was trained with, unless allow_untrained_tta (check_tta);
     write the report to `out` (default RUN/eval); return (summary, report folder)."""
     config = load_config(RunFolder(run_dir).config)
     folds = folds if folds is not None else config.data.val_folds
@@ -92,6 +94,7 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
         predict, source = saved_model_predictor(model), Path(model)
         tta = info.get("tta", [])
     else:
+        check_tta(tta, [(str(run_dir), config)], allow_untrained=allow_untrained_tta)
         config, keras_model, source = load_run_model(run_dir)
         predict = keras_predictor(keras_model, tta)
     post = Postprocess.from_config(config.train, **(post_overrides or {}))

@@ -2,8 +2,12 @@
 
 Flip test-time augmentation (`hflip`: left-right, `vflip`: up-down) predicts the flipped scans too and
 flips the probabilities back before averaging; an ensemble averages its members the same way. One
-function, so evaluate and the exported SavedModel compute the same average.
+function, so evaluate and the exported SavedModel compute the same average. A flip is only asked of a
+model trained with it (check_tta): the organs lie on fixed sides of the body, so a mirrored abdomen is
+anatomy a model trained without flips never saw.
 """
+
+import sys
 
 import keras
 from keras import ops
@@ -21,6 +25,37 @@ def parse_tta(spec) -> tuple[str, ...]:
         if mode not in TTA_MODES:
             raise ConfigError(f"tta: unknown mode {mode!r} (choose from {', '.join(TTA_MODES)})")
     return tuple(dict.fromkeys(modes))
+
+
+FLIP_SETTINGS = {"hflip": "augment.flip_horizontal", "vflip": "augment.flip_vertical"}
+
+
+def trained_flips(config) -> list[str]:
+    """The flip TTA modes a run's training augmentation showed its model (augment.enabled and the flip on)."""
+    augment = config.augment
+    return [mode for mode, key in FLIP_SETTINGS.items()
+            if augment.enabled and getattr(augment, key.split(".", 1)[1])]
+
+
+def check_tta(tta, members, *, allow_untrained: bool = False, warn: bool = True) -> tuple[str, ...]:
+    """parse_tta(tta) after checking that every member, (name, config) pairs, was trained with each flip
+    asked for. Otherwise ConfigError naming the member and the setting, unless allow_untrained: then a
+    warning on stderr (warn=False: no warning, for a check that a later one repeats)."""
+    modes = parse_tta(tta)
+    problems = []
+    for name, config in members:
+        for mode in modes:
+            if mode not in trained_flips(config):
+                setting = FLIP_SETTINGS[mode] if config.augment.enabled else "augment.enabled"
+                problems.append(f"{name} was not trained with {mode} ({setting} is false)")
+    if problems and not allow_untrained:
+        raise ConfigError(f"tta: {'; '.join(problems)}. Its predictions on flipped scans would be averaged in, "
+                          "though a mirrored abdomen is anatomy it never saw: drop the mode, train with the "
+                          "flip, or pass --allow-untrained-tta")
+    if problems and warn:
+        print(f"WARNING: --allow-untrained-tta: {'; '.join(problems)}. Averaging in its predictions on flipped "
+              "scans (anatomy it never saw) may lower the score.", file=sys.stderr)
+    return modes
 
 
 def averaged(models: list[keras.Model], tta=()):

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from tfseg.errors import ConfigError
@@ -130,9 +131,8 @@ def build_unet(
             x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
         x = convs(x, base_filters * 2**depth, "bottleneck")
     else:
-        # C context slices -> the 3 channels the backbone (and its ImageNet weights) expects, learned.
-        rgb = inputs if input_shape[2] == 3 else layers.Conv2D(3, 1, name="to_rgb")(inputs)
-        features = _backbone(input_shape[:2], encoder, encoder_weights, depth)(rgb)
+        # C context slices go straight in: the backbone is built for C channels (_backbone inflates RGB weights).
+        features = _backbone(input_shape[:2], input_shape[2], encoder, encoder_weights, depth)(inputs)
         # The full-resolution skip is the input itself: backbones start with a strided conv.
         skips, x = [inputs, *features[:-1]], features[-1]
     bottleneck = x
@@ -206,38 +206,25 @@ def _round_up(sizes, factor: int) -> tuple:
     return tuple(s if s is None else max(factor, math.ceil(s / factor) * factor) for s in sizes)
 
 
-def _backbone(size: tuple, encoder: str, weights: str | None, depth: int) -> keras.Model:
-    """A keras.applications model as a sub-model 'encoder' with the features at strides 2..2**depth.
+def _backbone(size: tuple, channels: int, encoder: str, weights: str | None, depth: int) -> keras.Model:
+    """A keras.applications model for `channels` input slices as a sub-model 'encoder' with the features
+    at strides 2..2**depth.
 
-    Freeze it for warm-up with `model.get_layer("encoder").trainable = False` (ConvNeXt's stride-2 conv,
-    which no weights file holds, then stays at its random start too).
+    Pretrained weights (imagenet or a file) are for 3 RGB channels; with another number of slices the
+    backbone is built for them and its RGB weights inflated into it (_inflate): a scan that is the same
+    on every slice gives exactly the RGB model's features on that grey image (EfficientNet B: up to a
+    per-filter constant at the stem, see _inflate). Freeze it for warm-up with
+    `model.get_layer("encoder").trainable = False` (ConvNeXt's stride-2 conv, which no weights file holds,
+    then stays at its random start too).
     """
     constructor_name, feature_specs = ENCODERS[encoder]
-    constructor = getattr(keras.applications, constructor_name)
-    options = {"include_top": False, "weights": "imagenet" if weights == "imagenet" else None,
-               "input_shape": (*size, 3)}
-    # Our inputs are already [0, 1] scans, not [0, 255] RGB, so skip EfficientNetV2's and ConvNeXt's
-    # built-in rescaling and normalisation. ResNet50 has none; its conv1 is followed by batch norm.
-    if "include_preprocessing" in inspect.signature(constructor).parameters:
-        options["include_preprocessing"] = False
-    if constructor_name.startswith("EfficientNetB"):
-        # EfficientNet B0-B7 always divide by 255, then normalise with the ImageNet statistics their
-        # weights carry: scaling [0, 1] scans to [0, 255] first gives the range those weights expect.
-        # Keras adds one more 1/sqrt(std) rescaling (tensorflow#49930) only when it downloads them itself;
-        # loaded from a file they lack it: a near-uniform input scale, which stem_bn after the bias-free
-        # stem_conv normalises away in training.
-        options["input_tensor"] = layers.Rescaling(255.0, name="to_0_255")(keras.Input((*size, 3)))
-    try:
-        backbone = constructor(**options)
-    except Exception as err:  # keras raises a bare Exception when the download fails
-        if options["weights"] is None:
-            raise
-        raise RuntimeError(
-            f"model: the {weights} weights for encoder {encoder!r} could not be downloaded or loaded "
-            f"({err}). This machine may have no internet: set encoder_weights: null, or place the "
-            "Keras weights file in ~/.keras/models (or $KERAS_HOME/models)") from err
+    pretrained = weights is not None
+    rgb = _application(encoder, size, 3, weights) if pretrained else None
+    backbone = rgb if pretrained and channels == 3 else _application(encoder, size, channels, None)
     if weights not in ENCODER_WEIGHTS:
-        _load_backbone_weights(backbone, weights, encoder, constructor_name)
+        _load_backbone_weights(rgb, weights, encoder, constructor_name)
+    if backbone is not rgb and rgb is not None:
+        _inflate(rgb, backbone)
 
     scans = backbone.inputs[0]  # EfficientNet B's inputs is a list when built on an input_tensor
 
@@ -252,6 +239,87 @@ def _backbone(size: tuple, encoder: str, weights: str | None, depth: int) -> ker
         return getattr(backbone.get_layer(name), port or "output")
 
     return keras.Model(scans, [feature(spec) for spec in feature_specs[:depth]], name="encoder")
+
+
+def _application(encoder: str, size: tuple, channels: int, weights: str | None) -> keras.Model:
+    """The encoder's keras.applications model (include_top=False) for [0, 1] scans of `channels`
+    channels; weights "imagenet" downloads them (3 channels only), anything else builds it random."""
+    constructor_name = ENCODERS[encoder][0]
+    constructor = getattr(keras.applications, constructor_name)
+    options = {"include_top": False, "weights": "imagenet" if weights == "imagenet" else None,
+               "input_shape": (*size, channels)}
+    # Our inputs are already [0, 1] scans, not [0, 255] RGB, so skip EfficientNetV2's and ConvNeXt's
+    # built-in rescaling and normalisation. ResNet50 has none; its conv1 is followed by batch norm.
+    if "include_preprocessing" in inspect.signature(constructor).parameters:
+        options["include_preprocessing"] = False
+    if constructor_name.startswith("EfficientNetB"):
+        # EfficientNet B0-B7 always divide by 255, then normalise with the ImageNet statistics their
+        # weights carry: scaling [0, 1] scans to [0, 255] first gives the range those weights expect.
+        # Keras adds one more 1/sqrt(std) rescaling (tensorflow#49930) only when it downloads them itself;
+        # loaded from a file they lack it: a near-uniform input scale, which stem_bn after the bias-free
+        # stem_conv normalises away in training.
+        options["input_tensor"] = layers.Rescaling(255.0, name="to_0_255")(keras.Input((*size, channels)))
+    try:
+        with warnings.catch_warnings():  # "expects 1 or 3 input channels": tfseg inflates the RGB weights
+            warnings.filterwarnings("ignore", message=".*input channels", category=UserWarning)
+            return constructor(**options)
+    except Exception as err:  # keras raises a bare Exception when the download fails
+        if options["weights"] is None:
+            raise
+        raise RuntimeError(
+            f"model: the {weights} weights for encoder {encoder!r} could not be downloaded or loaded "
+            f"({err}). This machine may have no internet: set encoder_weights: null, or place the "
+            "Keras weights file in ~/.keras/models (or $KERAS_HOME/models)") from err
+
+
+def _stem_input(backbone: keras.Model):
+    """What the backbone's first convolution sees: its input after any preprocessing layers (EfficientNet
+    B's rescalings and normalisation, zero padding), as a function of the input."""
+    for layer in backbone.layers[1:]:
+        if layer.weights and any(isinstance(sub, layers.Conv2D) for sub in (layer, *getattr(layer, "layers", ()))):
+            return keras.Model(backbone.inputs[0], layer.input)
+    raise ValueError(f"{backbone.name}: no convolution found")
+
+
+def _channel_affine(backbone: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per input channel of the elementwise preprocessing in front of the first conv,
+    read at the centre pixel of a 0 and a 1 input (identity (1, 0) for a backbone without one)."""
+    stem = _stem_input(backbone)
+    shape = (1, *backbone.inputs[0].shape[1:])
+    zero, one = (keras.ops.convert_to_numpy(stem(np.full(shape, v, np.float32)))[0] for v in (0.0, 1.0))
+    h, w = zero.shape[0] // 2, zero.shape[1] // 2
+    return one[h, w] - zero[h, w], zero[h, w]
+
+
+def _inflate(rgb: keras.Model, backbone: keras.Model) -> None:
+    """Copy an RGB backbone's weights into the same backbone built for K input channels.
+
+    Every weight is the same but the first convolution's kernel [kh, kw, 3, F] and, in EfficientNet B,
+    the input normalisation's per-channel ImageNet mean and variance [3]. The statistics become their
+    mean over RGB on each of the K channels; the kernel spreads the RGB filters over the K channels,
+    kernel_K[..., k, :] = sum_c kernel_rgb[..., c, :] * scale_c / (K * scale'), where scale_c is channel
+    c's preprocessing scale in the RGB model and scale' the K model's (both 1 without preprocessing:
+    the mean over RGB times 3 / K). A scan equal on all K channels then gives the RGB model's output on
+    that grey image exactly; with EfficientNet B's per-channel means the stem conv's output differs by a
+    constant per filter (sum_c kernel_c * (offset_c - scale_c * offset' / scale')), which training absorbs.
+    """
+    kernels = []
+    for old, new in zip(rgb.weights, backbone.weights, strict=True):
+        if tuple(old.shape) == tuple(new.shape):
+            new.assign(old)
+        elif len(old.shape) == 1:  # the normalisation's per-channel mean or variance
+            new.assign(np.full(new.shape, np.mean(keras.ops.convert_to_numpy(old)), np.float32))
+        elif len(old.shape) == 4 and old.shape[:2] == new.shape[:2] and old.shape[3] == new.shape[3]:
+            kernels.append((old, new))
+        else:
+            raise ValueError(f"cannot inflate {old.path} {tuple(old.shape)} into {tuple(new.shape)}")
+    if len(kernels) != 1:
+        raise ValueError(f"{backbone.name}: expected one input convolution to inflate, found {len(kernels)}")
+    (old, new), channels = kernels[0], backbone.inputs[0].shape[-1]
+    scale_rgb, scale = _channel_affine(rgb)[0], _channel_affine(backbone)[0]
+    kernel = keras.ops.convert_to_numpy(old)
+    spread = np.tensordot(kernel, scale_rgb / scale[0], axes=([2], [0])) / channels  # [kh, kw, F]
+    new.assign(np.repeat(spread[:, :, None, :], channels, axis=2).astype(np.float32))
 
 
 def _load_backbone_weights(backbone: keras.Model, path: str, encoder: str, constructor_name: str) -> None:

@@ -17,7 +17,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def summary(manifest: dict) -> str:
-    """The manifest as a few plain-text tables: folds, classes, image sizes, skipped input."""
+    """The manifest as a few plain-text tables: folds, classes, image sizes, skipped and excluded input."""
     settings, shards = manifest["settings"], manifest["shards"]
     fold_rows = []
     for f in [*manifest["folds"], {"fold": "all", "cases": manifest["num_cases"],
@@ -38,8 +38,20 @@ def summary(manifest: dict) -> str:
         f"skipped as bad input: {len(manifest['skipped'])}"
         + "".join(f"\n  {s['id']}: {s['reason']}" for s in manifest["skipped"][:10])
         + ("\n  ..." if len(manifest["skipped"]) > 10 else ""),
+        _mislabelled(manifest),
     ]
     return "\n\n".join(parts)
+
+
+def _mislabelled(manifest: dict) -> str:
+    if "excluded" not in manifest:  # written before make_records knew of mislabelled case-days
+        return "known-mislabelled case-days: not recorded (records made before make_records listed them)"
+    lines = f"excluded as known mislabelled: {len(manifest['excluded'])}" + "".join(
+        f"\n  {e['id']}: {e['reason']}" for e in manifest["excluded"])
+    if manifest.get("kept_mislabelled"):
+        lines += (f"\nkept although known mislabelled (--keep-mislabelled): "
+                  f"{', '.join(manifest['kept_mislabelled'])}")
+    return lines
 
 
 def write_overlays(records_dir: str | Path, out_dir: str | Path, per_fold: int = 4) -> list[Path]:

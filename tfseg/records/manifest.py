@@ -1,25 +1,37 @@
-"""manifest.json of a records folder: what it holds (folds, organ content, sizes, skipped input), the
-settings it was made with, and the swap that makes a finished folder complete."""
+"""manifest.json of a records folder: what it holds (folds, organ content, sizes, skipped input, case-days
+excluded as known mislabelled), the settings it was made with, and the swap that makes a finished folder
+complete."""
 
 import os
 from pathlib import Path
 
 from tfseg import CLASSES, __version__, files
+from tfseg.kaggle.index import MISLABELLED_REASON
 from tfseg.layout import MANIFEST, SHARD_PATTERN
 from tfseg.records.shards import STATE, final_name
 
 
+def _difference(key: str, before, after) -> str:
+    if key == "input_fingerprint":
+        return "the input data (train.csv or scan files) changed"
+    if key == "excluded_mislabelled":
+        return (f"known-mislabelled case-days left out: {', '.join(before or []) or 'none'} -> "
+                f"{', '.join(after or []) or 'none'} (make_records leaves them out unless --keep-mislabelled; "
+                "records made before that rule kept them)")
+    return f"{key} {before!r} -> {after!r}"
+
+
 def differences(old: dict, settings: dict) -> list[str]:
     before = old.get("settings", {})
-    diffs = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" if k != "input_fingerprint"
-             else "the input data (train.csv or scan files) changed"
+    diffs = [_difference(k, before.get(k), settings.get(k))
              for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
     if old.get("tfseg_version") != __version__:
         diffs.append(f"tfseg version {old.get('tfseg_version')!r} -> {__version__!r}")
     return diffs
 
 
-def build_manifest(settings: dict, shards: list[dict], infos: list[dict], skipped: list[dict]) -> dict:
+def build_manifest(settings: dict, shards: list[dict], infos: list[dict], skipped: list[dict],
+                   kept_mislabelled: list[str] = ()) -> dict:
     stored = [i for i in infos if i["stored"]]
     folds = []
     for k in range(settings["folds"]):
@@ -45,6 +57,8 @@ def build_manifest(settings: dict, shards: list[dict], infos: list[dict], skippe
         "shards": [{"path": final_name(s, shards), "fold": s["fold"], "volumes": s["volumes"],
                     "slices": s["slices"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards],
         "skipped": skipped + [s for i in infos for s in i["skipped"]],
+        "excluded": [{"id": d, "reason": MISLABELLED_REASON} for d in settings.get("excluded_mislabelled", [])],
+        "kept_mislabelled": list(kept_mislabelled),  # in the data, kept on request (--keep-mislabelled)
     }
 
 

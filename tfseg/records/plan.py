@@ -7,7 +7,7 @@ from pathlib import Path
 from tfseg import CLASSES, files
 from tfseg.errors import DataError
 from tfseg.kaggle.folds import assign_folds
-from tfseg.kaggle.index import scan_dataset
+from tfseg.kaggle.index import KNOWN_MISLABELLED, scan_dataset
 
 
 def input_fingerprint(data_dir: Path) -> str:
@@ -26,6 +26,14 @@ def input_fingerprint(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def mislabelled_present(data_dir: Path) -> list[str]:
+    """The known-mislabelled case-days that data_dir holds (labelled layouts only: a folder without
+    train.csv has no labels to be wrong). A folder check, so settings are known before any indexing."""
+    if not (data_dir / "train.csv").exists():
+        return []
+    return [d for d in KNOWN_MISLABELLED if (data_dir / "train" / d.split("_")[0] / d).is_dir()]
+
+
 def check_volume(case_day: str, group) -> str | None:
     """Why a volume cannot be one [D, H, W] stack (a gap in its slice numbers, mixed sizes), or None."""
     folder = Path(group["path"].iloc[0]).parent
@@ -42,9 +50,13 @@ def check_volume(case_day: str, group) -> str | None:
     return None
 
 
-def plan(data_dir: Path, n_folds: int, on_error: str) -> tuple[list[dict], list[dict]]:
-    """Index the data and check each volume; returns (one task per volume in write order, skipped)."""
+def plan(data_dir: Path, n_folds: int, on_error: str,
+         exclude: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+    """Index the data and check each volume; returns (one task per volume in write order, skipped).
+    Case-days in exclude are left out before the checks and the fold assignment."""
     table, skipped = scan_dataset(data_dir, on_error=on_error)
+    table = table[~table["case_day"].isin(exclude)]
+    skipped = [s for s in skipped if s["id"].split("_slice_")[0] not in exclude]
     keep = []
     for case_day, group in table.groupby("case_day", sort=False):
         reason = check_volume(case_day, group)

@@ -25,12 +25,16 @@ from tfseg.records import plan, shards, volumes
 
 
 def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = None, shard_mb: float = 150,
-                  on_error: str = "fail", overwrite: bool = False, progress: bool = True) -> dict:
+                  on_error: str = "fail", overwrite: bool = False, keep_mislabelled: bool = False,
+                  progress: bool = True) -> dict:
     """Write the records of a Kaggle-layout folder to out_dir; returns the manifest.
 
     A complete out_dir made from the same data with the same settings is left as it is; one made
     otherwise raises DataError naming the differences, unless overwrite. on_error "fail" stops at
     the first bad input and writes no shard; "skip" leaves bad slices (or volumes) out and lists them.
+    The known-mislabelled case-days (kaggle.index.KNOWN_MISLABELLED) are left out and listed under
+    "excluded" unless keep_mislabelled; settings name them only when the data holds them, so records of
+    data without them keep the settings they had before this rule existed.
     workers > 1 start processes with multiprocessing's forkserver: a script calling this needs the
     `if __name__ == "__main__":` guard.
     """
@@ -48,6 +52,10 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
     settings = {"data_dir": str(data_dir.resolve()), "folds": int(folds), "on_error": on_error,
                 "shard_mb": int(shard_mb) if float(shard_mb).is_integer() else float(shard_mb),
                 "fold_seed": FOLD_SEED, "input_fingerprint": plan.input_fingerprint(data_dir)}
+    mislabelled = plan.mislabelled_present(data_dir)
+    exclude = () if keep_mislabelled else tuple(mislabelled)
+    if exclude:
+        settings["excluded_mislabelled"] = list(exclude)
     if (out / MANIFEST).exists():
         try:
             old = json.loads((out / MANIFEST).read_text())
@@ -65,7 +73,7 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
     import tensorflow as tf  # only now that there is work to do: --help and no-op reruns stay quick
 
     start_time = time.perf_counter()
-    tasks, skipped = plan.plan(data_dir, folds, on_error)
+    tasks, skipped = plan.plan(data_dir, folds, on_error, exclude)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     key = {"settings": settings, "tfseg_version": __version__,
@@ -87,7 +95,8 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
                 writer.add(i, record, info)
                 bar.update(slices[i])
             writer.close(len(tasks))
-        manifest = manifest_lib.build_manifest(settings, state["shards"], state["infos"], skipped)
+        manifest = manifest_lib.build_manifest(settings, state["shards"], state["infos"], skipped,
+                                               kept_mislabelled=mislabelled if keep_mislabelled else [])
         empty = [f["fold"] for f in manifest["folds"] if not f["volumes"]]
         if empty:
             raise DataError(f"{data_dir}: fold(s) {empty} have no volume left after skipping bad input")

@@ -9,11 +9,11 @@ import keras
 import tensorflow as tf
 
 from tfseg import CLASSES, __version__, files, layout
-from tfseg.config import Config, to_dict
+from tfseg.config import Config, load_config, to_dict
 from tfseg.errors import DataError
 from tfseg.evaluation.postprocess import Postprocess
 from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
-from tfseg.model.inference import parse_tta
+from tfseg.model.inference import check_tta, parse_tta, trained_flips
 from tfseg.records.reader import fold_cases
 from tfseg.serving.kit import write_kit
 from tfseg.serving.signatures import serving_functions
@@ -37,9 +37,11 @@ SHARED_SETTINGS = {"data.offsets": lambda c: list(c.data.offsets),
                    "data.interpolation": lambda c: c.data.interpolation}
 
 
-def export_info(config: Config, sources: list[Path | None], chunk: int, tta=()) -> dict:
+def export_info(config: Config, sources: list[Path | None], chunk: int, tta=(),
+                configs: list[Config] | None = None) -> dict:
     d = config.data
-    members = [{"path": str(s), "sha256": files.sha256(s)} if s else None for s in sources]
+    members = [{**({"path": str(s), "sha256": files.sha256(s)} if s else {}), "trained_flips": trained_flips(c)}
+               for s, c in zip(sources, configs or [config] * len(sources), strict=True)]
     return {
         "tfseg_version": __version__,
         "classes": list(CLASSES),
@@ -50,7 +52,7 @@ def export_info(config: Config, sources: list[Path | None], chunk: int, tta=()) 
         "resize": d.resize,
         "chunk": chunk,
         "tta": list(tta),
-        "source": members[0] if len(members) == 1 else None,
+        "source": members[0] if len(members) == 1 and sources[0] else None,
         "members": members,
         "signatures": {
             SIGNATURE: "slices string [N, K] 16-bit PNGs -> probabilities float32 [N, H, W, 3], "
@@ -85,11 +87,16 @@ def _check_target(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def write_saved_model(models, config: Config, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16,
-                      sources: list[Path | None] | None = None, tta=(), verbose: bool = True) -> Path:
+                      sources: list[Path | None] | None = None, tta=(), configs: list[Config] | None = None,
+                      allow_untrained_tta: bool = False, verbose: bool = True) -> Path:
     """Write `models` (one float32 Keras model, or an ensemble's members) as the SavedModel version
-    folder `out`, atomically; returns `out`. config gives the input and the post-processing."""
+    folder `out`, atomically; returns `out`. config gives the input and the post-processing; configs,
+    each member's (default: config for all), the flips each was trained with (check_tta)."""
     models = list(models) if isinstance(models, list | tuple) else [models]
-    tta = parse_tta(tta)
+    sources = sources or [None] * len(models)
+    configs = configs or [config] * len(models)
+    tta = check_tta(tta, [(str(s or f"member {i}"), c) for i, (s, c) in enumerate(zip(sources, configs, strict=True))],
+                    allow_untrained=allow_untrained_tta)
     out = _check_target(out, overwrite)
     if chunk < 1:
         raise DataError(f"--chunk must be >= 1, got {chunk}")
@@ -104,7 +111,7 @@ def write_saved_model(models, config: Config, out: str | os.PathLike, *, overwri
         layout.warmup_path(tmp).parent.mkdir()
         with tf.io.TFRecordWriter(str(layout.warmup_path(tmp))) as writer:
             writer.write(warmup_record(warmup))
-        files.write_json(layout.info_path(tmp), export_info(config, sources or [None] * len(models), chunk, tta))
+        files.write_json(layout.info_path(tmp), export_info(config, sources, chunk, tta, configs))
         write_kit(layout.info_path(tmp).parent, out.parent.name or "tfseg", int(out.name))
         # Answer the warm-up request from the written files before publishing them.
         answer = tf.saved_model.load(str(tmp)).signatures[SIGNATURE](slices=tf.constant([warmup]))
@@ -115,10 +122,11 @@ def write_saved_model(models, config: Config, out: str | os.PathLike, *, overwri
 
 
 def export(runs, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16, tta=(),
-           verbose: bool = True) -> Path:
+           allow_untrained_tta: bool = False, verbose: bool = True) -> Path:
     """Write a run's model, or the average of several runs' models (an ensemble, e.g. the folds of a
     cross-validation), as the SavedModel `out` (a numbered version folder); returns `out`. The first
-    run's config gives the post-processing; all must share their input (check_members)."""
+    run's config gives the post-processing; all must share their input (check_members); a flip in tta
+    must be one every run was trained with, unless allow_untrained_tta (check_tta)."""
     runs = [runs] if isinstance(runs, str | os.PathLike) else list(runs)
     if not runs:
         raise DataError("export needs at least one run folder")
@@ -127,10 +135,15 @@ def export(runs, out: str | os.PathLike, *, overwrite: bool = False, chunk: int 
     for run in runs:
         if not layout.RunFolder(run).final_model.exists():
             raise DataError(f"{run}: no {layout.RunFolder(run).final_model.name}; not a finished tfseg run folder")
+    # Before loading any model; write_saved_model checks again (and warns when allowed).
+    check_tta(tta, [(str(run), load_config(layout.RunFolder(run).config)) for run in runs],
+              allow_untrained=allow_untrained_tta, warn=False)
     loaded = [load_run_model(run) for run in runs]
     check_members([config for config, _, _ in loaded], [str(run) for run in runs])
     write_saved_model([model for _, model, _ in loaded], loaded[0][0], out, overwrite=overwrite, chunk=chunk,
-                      sources=[source for _, _, source in loaded], tta=tta, verbose=verbose)
+                      sources=[source for _, _, source in loaded], tta=tta,
+                      configs=[config for config, _, _ in loaded], allow_untrained_tta=allow_untrained_tta,
+                      verbose=verbose)
     if verbose:
         what = loaded[0][2] if len(runs) == 1 else f"an ensemble of {len(runs)} runs"
         print(f"exported {what} -> {out} (signatures {SIGNATURE}, {MASKS_PNG}, {PREDICT_FLOAT}"
