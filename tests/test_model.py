@@ -15,6 +15,7 @@ VARIANTS = {  # every option value appears at least once
     "plain": {},
     "residual_group_norm": {"block": "residual", "norm": "group"},
     "resize_no_norm_dropout": {"upsample": "resize", "norm": "none", "dropout": 0.2},
+    "coord_channels": {"coord_channels": True},
 }
 
 
@@ -136,3 +137,19 @@ def expected_params(channels, classes, base, depth):
 def test_parameter_count(channels, classes, base, depth):
     model = build_unet((None, None, channels), classes, base_filters=base, depth=depth)
     assert model.count_params() == expected_params(channels, classes, base, depth)
+
+
+def test_coord_channels_tell_places_apart():
+    """A scan that is the same everywhere gets the same output at every interior pixel from a plain UNet
+    (only the zero padding tells places apart), and different outputs with the coordinate channels."""
+    flat = np.full((1, 64, 64, 3), 0.5, np.float32)
+    spread = {}
+    for coords in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build_unet((64, 64, 3), num_classes=3, depth=1, base_filters=4, norm="none", upsample="resize",
+                           coord_channels=coords)
+        probs = keras.ops.convert_to_numpy(model(flat, training=False))[0, 16:-16, 16:-16]
+        spread[coords] = float(probs.std(axis=(0, 1)).max())
+    assert spread[False] < 1e-4 < 1e-3 < spread[True], spread  # float round-off only, then real differences
+    with pytest.raises(Exception, match="coord_channels works with the built-in encoder only"):
+        build_unet((64, 64, 3), encoder="resnet50", coord_channels=True)

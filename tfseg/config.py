@@ -63,6 +63,7 @@ class ModelConfig:
     encoder: str | None = None  # null, or a keras.applications backbone (CHOICES lists them)
     encoder_weights: str | None = None  # null | imagenet (needs a download) | a local .h5 / .weights.h5 file
     presence_head: bool = False  # a per-class "organ on this slice" output, for empty-slice gating
+    coord_channels: bool = False  # append each pixel's row and column to the scans (built-in encoder)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def build_model(config: Config) -> keras.Model:
     return build_unet((*config.data.image_size, len(config.data.offsets)), len(CLASSES), depth=m.depth,
                       base_filters=m.base_filters, block=m.block, norm=norm, dropout=m.dropout,
                       upsample=m.upsample, encoder=m.encoder, encoder_weights=m.encoder_weights,
-                      presence_head=m.presence_head)
+                      presence_head=m.presence_head, coord_channels=m.coord_channels)
 
 
 def build_loss(config: Config) -> keras.losses.Loss:

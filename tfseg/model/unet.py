@@ -98,6 +98,7 @@ def build_unet(
     encoder: str | None = None,
     encoder_weights: str | None = None,
     presence_head: bool = False,
+    coord_channels: bool = False,
     name: str = "unet",
 ) -> keras.Model:
     """Build a UNet mapping [B, H, W, C] scans in [0, 1] to [B, H, W, num_classes] probabilities.
@@ -114,6 +115,8 @@ def build_unet(
     presence_head adds a second output: per class, the probability that the slice shows the organ at
     all (global average pooling of the bottleneck, a dense layer, sigmoid in float32); the model then
     returns {"probabilities": [B, H, W, K], "presence": [B, K]} (see split_outputs).
+
+    coord_channels appends each pixel's row and column (CoordChannels) to the scans (built-in encoder only).
     """
     depth = _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout,
                            upsample, encoder, encoder_weights)
@@ -123,8 +126,10 @@ def build_unet(
     def convs(x, filters, prefix):
         return conv_block(x, filters, norm=norm, dropout=dropout, prefix=prefix)
 
+    if coord_channels and encoder is not None:
+        raise ConfigError(f"model: coord_channels works with the built-in encoder only, not {encoder!r}")
     if encoder is None:
-        skips, x = [], inputs
+        skips, x = [], CoordChannels(name="coords")(inputs) if coord_channels else inputs
         for level in range(depth):
             x = convs(x, base_filters * 2**level, f"enc{level}")
             skips.append(x)
@@ -156,6 +161,23 @@ def build_unet(
     presence = layers.Activation("sigmoid", dtype="float32", name="presence")(
         layers.Dense(num_classes, name="presence_logits")(pooled))
     return keras.Model(inputs, {"probabilities": outputs, "presence": presence}, name=name)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class CoordChannels(layers.Layer):
+    """Appends two channels, the pixel's row and column in [-1, 1] (CoordConv, Liu et al. 2018): organs
+    lie at fixed places in the body, which plain convolutions only learn from the zero padding."""
+
+    def call(self, x):
+        shape = keras.ops.shape(x)
+        rows = keras.ops.linspace(-1.0, 1.0, shape[1])
+        cols = keras.ops.linspace(-1.0, 1.0, shape[2])
+        grid = keras.ops.stack(keras.ops.meshgrid(rows, cols, indexing="ij"), axis=-1)
+        grid = keras.ops.broadcast_to(grid[None], (shape[0], shape[1], shape[2], 2))
+        return keras.ops.concatenate([x, keras.ops.cast(grid, x.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 2)
 
 
 def split_outputs(outputs):
