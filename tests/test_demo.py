@@ -15,7 +15,8 @@ def test_make_demo_runs_every_step(tmp_path):
     paths = {"DEMO_DATA": tmp_path / "data", "DEMO_RECORDS": tmp_path / "records",
              "DEMO_RUN": tmp_path / "runs" / "demo", "DEMO_MODEL": tmp_path / "models" / "demo" / "1"}
     variables = [f"{k}={v}" for k, v in paths.items()]
-    variables += ["DEMO_CONFIG=configs/smoke.yaml", "SYNTH_OPTS=--cases 5 --days 1 --slices 24 --no-progress"]
+    variables += ["DEMO_CONFIG=configs/smoke.yaml", "DEMO_BUDGET=",
+                  "SYNTH_OPTS=--cases 5 --days 1 --slices 24 --no-progress"]
     done = subprocess.run(["make", "--no-print-directory", "demo", *variables], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
