@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from tfseg import CLASSES, layout
@@ -305,14 +306,22 @@ class Phantom:
         self.wall = t["sb_wall"] = t["lb_wall"] = t["st_wall"] = rng.uniform(0.12, 0.2)
         t["st_fluid"], t["st_food"] = mu * rng.uniform(1.05, 1.3), mu * rng.uniform(0.6, 0.9)
 
-        # Small bowel: loops in 2-3 separate packets, some loops with a collapsed stretch.
-        half = np.array([0.27 * a, 0.3 * b, 0.14 * zlen])
-        loops = []
-        for p in rng.choice(len(SB_PACKETS), int(rng.integers(2, 4)), replace=False):
-            loops += _loops(rng, at(*SB_PACKETS[p]), half, rng.uniform(700, 1000), 2.5)
-        sb_flags = [self._collapse(rng, len(c), int(rng.random() < 0.5), 8, 16) for c in loops]
-        sb_values = [np.full(len(c), contents()) for c in loops]
+        # Small bowel: loops in 2-3 packets, some loops with a collapsed stretch; where a packet comes
+        # near an earlier one it is collapsed too, so the packets stay separate 3D pieces.
+        half = np.array([0.29 * a, 0.32 * b, 0.15 * zlen])
         sb_r = rng.uniform(10, 13)
+        loops, sb_flags, earlier = [], [], []
+        for p in rng.choice(len(SB_PACKETS), int(rng.integers(2, 4)), replace=False):
+            packet = _loops(rng, at(*SB_PACKETS[p]), half, rng.uniform(800, 1200), 2.5)
+            tree = cKDTree(np.concatenate(earlier)) if earlier else None
+            for c in packet:
+                flags = self._collapse(rng, len(c), int(rng.random() < 0.5), 8, 16)
+                if tree is not None:
+                    flags &= tree.query(c)[0] > 2 * sb_r + 15  # wobble moves each loop up to 4 mm
+                sb_flags.append(flags)
+            loops += packet
+            earlier += packet
+        sb_values = [np.full(len(c), contents()) for c in loops]
         # Large bowel: 1-2 collapsed stretches (sigmoid, transverse colon), contents per piece.
         lb_flags = self._collapse(rng, len(colon), int(rng.integers(1, 3)), 10, 20)
         lb_values = np.zeros(len(colon))
@@ -381,11 +390,12 @@ class Phantom:
         entries = []
         for pts, r, flag, value in zip(curves, radii, flags, values, strict=True):
             ends = np.clip(np.minimum(pts[:, 2] - zlo, zhi - pts[:, 2]) / TAPER_MM, 0, 1)
-            fade = 0.4 + 0.6 * np.minimum(_taper(flag, step), ends)
+            g = np.minimum(_taper(flag, step), ends)
+            fade, thin = 0.4 + 0.6 * g, 0.25 + 0.75 * g
             wall, lumen = self._faded(self.wall, fade), self._faded(value, fade)
             for run in _runs(flag):
                 if flag[run[0]]:
-                    entries.append((pts[run], r[run] * fade[run], wall[run], lumen[run], 3.0, organ))
+                    entries.append((pts[run], r[run] * thin[run], wall[run], lumen[run], 3.0, organ))
                 else:
                     n = len(run)
                     entries.append((pts[run], np.full(n, 3.5), np.full(n, self.wall), np.zeros(n), 0.0, -1))
@@ -483,10 +493,12 @@ class Phantom:
                 cv2.circle(val, (x, y), r_in, v, -1, cv2.LINE_8, 4)
 
     def _organs_hard(self, z, img, xa, ya, za, cavity, texture, coarse, fine):
-        """Draw the hard slice's look-alikes and organs into img; return the large, small bowel and stomach masks."""
+        """Draw the hard slice's look-alikes and organs into img; return the large-bowel, small-bowel,
+        stomach and look-alike masks (look-alikes: unlabelled tubes, cords and blobs, where no organ is)."""
         t, h, w = self.tissue, *img.shape
         val = np.zeros((h, w), np.float32)  # tube and blob intensities, negative for stool; 0: none
         labels = np.zeros((2, h, w), np.uint8)
+        lookalike = None
         for wall, lumen, centre, half, angle, win in self.hard_blobs:
             outer = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
             if outer is not None:
@@ -494,7 +506,10 @@ class Phantom:
                 val[win][outer] = wall
                 val[win][inner] = lumen
         for pts, r, wall, lumen, wall_mm, organ in self.tubes:
+            if organ >= 0 and lookalike is None:  # the unlabelled entries come first
+                lookalike = val != 0
             self._draw_tube(val, labels[organ] if organ >= 0 else None, pts, r, wall, lumen, wall_mm, z)
+        lookalike = val != 0 if lookalike is None else lookalike
         tube, stool = (val != 0) & cavity, val < 0
         np.copyto(img, val * (texture + 0.12 * coarse + 0.06 * fine), where=tube & ~stool)
         np.copyto(img, np.where(coarse > 1.2, t["gas"], -val * (1 + 0.35 * fine)), where=tube & stool)
@@ -509,9 +524,11 @@ class Phantom:
                 cv2.circle(gas, (x, y), r, 1, -1, cv2.LINE_8, 4)
             np.copyto(img, t["gas"] * texture, where=gas.astype(bool) & (lb_out | sb_out))
 
+        lo, hi = self.stomach_z
+        g = np.clip(min(za - lo, hi - za) / TAPER_MM, 0, 1)
         stomach = np.zeros((h, w), bool)
         for centre, half, angle, win in self.stomach:
-            inside = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
+            inside = _ellipsoid(xa[win], ya[win], za, centre, half * np.r_[0.4 + 0.6 * g, 0.4 + 0.6 * g, 1], angle)
             if inside is not None:
                 stomach[win] |= inside
         stomach &= cavity
@@ -524,11 +541,10 @@ class Phantom:
                        "mixed": np.where(cap, t["gas"], food)}[self.content]
             np.copyto(img, t["st_wall"] * texture, where=stomach)
             np.copyto(img, content, where=inner)
-            lo, hi = self.stomach_z
-            fade = 0.4 + 0.6 * np.clip(min(za - lo, hi - za) / TAPER_MM, 0, 1)
+            fade = 0.4 + 0.6 * g
             background = t["fat"] * texture
             np.copyto(img, background + (img - background) * fade, where=stomach)
-        return lb_out, sb_out, stomach
+        return lb_out, sb_out, stomach, lookalike & cavity & ~(lb_out | sb_out | stomach)
 
     def render(self) -> tuple[np.ndarray, np.ndarray]:
         """Scans uint16 [D, H, W] and masks uint8 [D, H, W, 3] (tfseg.CLASSES order, 0/1)."""
@@ -541,6 +557,8 @@ class Phantom:
         grid = np.meshgrid(xc * vol.spacing, yc * vol.spacing)
         image = np.empty((d, h, w), np.uint16)
         mask = np.zeros((d, h, w, 3), np.uint8)
+        if self.hard:
+            self.lookalikes = np.zeros((d, h, w), bool)  # where unlabelled look-alikes are (tests, inspection)
         for k, z in enumerate(np.linspace(0, Z_EXTENT, d) if d > 1 else [Z_EXTENT / 2]):
             xa, ya, rho, bias, za = self._smooth_fields(z, grid)
             fine = cv2.GaussianBlur(_noise(rng, (h, w)), (0, 0), 1.0) * 3.5
@@ -558,9 +576,10 @@ class Phantom:
                     np.copyto(img[win], value * texture[win], where=inside & cavity[win])
 
             if self.hard:
-                lb_out, sb_out, stomach = self._organs_hard(z, img, xa, ya, za, cavity, texture, coarse, fine)
+                *organs, lookalike = self._organs_hard(z, img, xa, ya, za, cavity, texture, coarse, fine)
                 dy, dx = self.motion[k]
-                img, lb_out, sb_out, stomach = (_shift(a, dy, dx) for a in (img, lb_out, sb_out, stomach))
+                moved = [_shift(a, dy, dx) for a in (img, *organs, lookalike)]
+                img, lb_out, sb_out, stomach, self.lookalikes[k] = moved
             else:
                 # The organs, each confined to the cavity.
                 sb_out, sb_lumen = self._tubes(self.sb_px, [self.sb_r] * len(self.sb_px), z, 3.5)
