@@ -365,7 +365,7 @@ class Phantom:
         self.stomach_z = (min(c[2] - h[2] for c, h, _ in stomach), max(c[2] + h[2] for c, h, _ in stomach))
         self.noise *= day.uniform(1.5, 2.0)
         self.bias_hard = day.normal(0, 2 * np.pi / 250, 3), day.uniform(0, 2 * np.pi), day.uniform(0.15, 0.3)
-        self.motion = np.clip(np.rint(day.normal(0, 1.2, (vol.slices, 2))), -4, 4).astype(int)
+        self.motion = np.clip(np.rint(day.normal(0, 1.0, (vol.slices, 2))), -3, 3).astype(int)
 
     @staticmethod
     def _collapse(rng, n: int, count: int, shortest: int, longest: int) -> np.ndarray:
