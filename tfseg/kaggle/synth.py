@@ -289,7 +289,7 @@ class Phantom:
     def _init_hard(self, seed, a, b, z0, zlen, colon, stomach):
         """The hard elements (module docstring), from their own streams so standard keeps its bytes."""
         vol, t = self.vol, self.tissue
-        rng = np.random.default_rng([seed, vol.case, 100, 7])  # the case's anatomy (days < 40)
+        rng = np.random.default_rng([seed, vol.case, 100, 7])  # the case's anatomy: 100 is no day (< 40)
         day = np.random.default_rng([seed, vol.case, vol.day, 7])
 
         def at(u, v, f, jitter=0.03):
@@ -359,8 +359,8 @@ class Phantom:
         balls = [(e[0], e[1]) for e in entries if e[-1] >= 0]
         pts, r = np.concatenate([p for p, _ in balls]), np.concatenate([r for _, r in balls])
         pick = day.choice(len(pts), int(day.integers(10, 25)))
-        self.gas = (pts[pick] - np.c_[0 * r[pick], 0.4 * r[pick], 0 * r[pick]],
-                    r[pick] * day.uniform(0.2, 0.45, len(pick)))  # anterior side of the lumen (up, supine)
+        # Gas rises to the lumen's anterior side (image up: the patient lies supine).
+        self.gas = pts[pick] - np.outer(0.4 * r[pick], [0, 1, 0]), r[pick] * day.uniform(0.2, 0.45, len(pick))
         self.content = day.choice(["fluid", "food", "air", "mixed"])
         self.stomach_z = (min(c[2] - h[2] for c, h, _ in stomach), max(c[2] + h[2] for c, h, _ in stomach))
         self.noise *= day.uniform(1.5, 2.0)
