@@ -7,10 +7,12 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from tfseg import CLASSES
 from tfseg import draw as overlay
 from tfseg import synth as synth_command
+from tfseg.errors import ConfigError
 from tfseg.kaggle import rle, synth
 
 SCAN = re.compile(r"slice_(\d{4})_(\d+)_(\d+)_(\d+\.\d\d)_(\d+\.\d\d)\.png")
@@ -45,6 +47,17 @@ def _volumes(root):
 def tiny(tmp_path_factory):
     return synth.make_dataset(tmp_path_factory.mktemp("tiny"), cases=3, seed=1, days=2, num_slices=24,
                               workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    return synth.make_dataset(tmp_path_factory.mktemp("hard"), cases=2, seed=1, days=2, num_slices=40,
+                              workers=1, progress=False, difficulty="hard")
+
+
+@pytest.fixture(scope="module")
+def hard_volumes(hard):
+    return _volumes(hard)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +100,9 @@ def test_masks_decode_inside_images_and_every_class_appears(tiny):
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tiny, tmp_path):
+    # The bytes of the standard data were also checked by hand against the code before difficulties.
     again = synth.make_dataset(tmp_path / "again", cases=3, seed=1, days=2, num_slices=24, workers=2,
-                               progress=False)
+                               progress=False, difficulty="standard")
     assert _hashes(again) == _hashes(tiny)
     other = synth.make_dataset(tmp_path / "other", cases=3, seed=2, days=2, num_slices=24, workers=1,
                                progress=False)
@@ -186,3 +200,87 @@ def test_command_line_makes_dataset_and_preview(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tfseg.synth", "--full", "--days", "2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--full" in bad.stderr
+
+
+def test_hard_is_deterministic_and_differs_from_standard(hard, tmp_path):
+    again = synth.make_dataset(tmp_path / "again", cases=2, seed=1, days=2, num_slices=40, workers=2,
+                               progress=False, difficulty="hard")
+    assert _hashes(again) == _hashes(hard)
+    standard = synth.make_dataset(tmp_path / "standard", cases=2, seed=1, days=2, num_slices=40, workers=1,
+                                  progress=False)
+    hashes, hard_hashes = _hashes(standard), _hashes(hard)
+    assert hashes.keys() == hard_hashes.keys()  # the same plan: case-days, sizes, slices
+    assert not set(hashes.items()) & set(hard_hashes.items())  # every file differs
+    assert synth.dataset_options(hard)["difficulty"] == "hard"
+    assert synth.dataset_options(standard)["difficulty"] == "standard"
+    with pytest.raises(ConfigError, match="difficulty"):
+        synth.plan_volumes(difficulty="harder")
+
+
+def _iqr(values):
+    return np.percentile(values, [25, 75])
+
+
+def _lumen(mask):
+    """A mask without its outer 2 pixels (the bowel wall) in each slice."""
+    return ndimage.binary_erosion(mask.astype(bool), np.ones((1, 5, 5)))
+
+
+def test_hard_bowel_intensities_overlap(hard_volumes, tiny):
+    """Small- and large-bowel lumen (per volume normalised) share their interquartile range in hard data;
+    the standard data tells them apart by brightness."""
+    def overlap(scans, mask):
+        x = scans / np.percentile(scans, 99)
+        (sb_lo, sb_hi), (lb_lo, lb_hi) = _iqr(x[_lumen(mask[..., 1])]), _iqr(x[_lumen(mask[..., 0])])
+        return max(sb_lo, lb_lo) < min(sb_hi, lb_hi)
+
+    assert all(overlap(*volume) for volume in hard_volumes.values())
+    assert not any(overlap(*volume) for volume in _volumes(tiny).values())
+
+
+def test_hard_bowel_comes_in_several_pieces(hard_volumes):
+    for _, mask in hard_volumes.values():
+        assert ndimage.label(mask[..., 1])[1] >= 2  # small bowel
+        assert ndimage.label(mask[..., 0])[1] >= 2  # large bowel (collapsed stretches)
+        assert ndimage.label(mask[..., 2])[1] >= 1
+
+
+def test_hard_has_unlabelled_look_alikes():
+    """Unlabelled tubes and blobs inside the body with the intensities of the bowel lumen."""
+    vol = synth.plan_volumes(cases=1, seed=1, days=1, num_slices=40, difficulty="hard")[0]
+    phantom = synth.Phantom(vol, seed=1)
+    scans, mask = phantom.render()
+    look = _lumen(phantom.lookalikes)
+    assert look.sum() > 2000 and not (look & mask.any(axis=-1)).any()
+    labels, count = ndimage.label(look)
+    assert count >= 5
+    extent = [z.stop - z.start for z, _, _ in ndimage.find_objects(labels)]
+    assert min(extent) <= 3 < max(extent)  # blobs on 1-3 slices, tubes through many
+    x = scans / np.percentile(scans, 99)
+    lo, hi = _iqr(x[_lumen(mask[..., :2].any(axis=-1))])
+    assert 0.3 < ((x[look] > lo) & (x[look] < hi)).mean()
+
+
+def test_hard_organs_taper_at_their_z_ends(hard_volumes):
+    for _, mask in hard_volumes.values():
+        for c in range(3):
+            area = mask[..., c].sum(axis=(1, 2))
+            present = np.flatnonzero(area)
+            assert area[present[0]] < 0.5 * area.max() and area[present[-1]] < 0.5 * area.max()
+
+
+def test_command_refuses_a_dataset_of_another_difficulty(tmp_path, capsys):
+    out = tmp_path / "data"
+    small = ["--out", str(out), "--cases", "1", "--days", "1", "--slices", "6", "--workers", "1", "--no-progress"]
+    assert synth_command.main(small) == 0
+    before = _hashes(out)
+    assert synth_command.main([*small, "--difficulty", "hard"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert _hashes(out) == before
+    (out / "train" / "case_stale").mkdir()
+    assert synth_command.main([*small, "--difficulty", "hard", "--overwrite"]) == 0
+    assert synth.dataset_options(out)["difficulty"] == "hard"
+    assert not (out / "train" / "case_stale").exists()
+    assert _hashes(out).keys() == before.keys() and _hashes(out) != before
+    assert synth_command.main([*small, "--difficulty", "hard"]) == 0
+    assert "not regenerated" in capsys.readouterr().out

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tfseg.synth",
         description="Write the built-in synthetic dataset (3D abdominal MRI phantoms with stomach, small "
                     "and large bowel masks) in exactly the Kaggle layout: DIR/train.csv and 16-bit PNG "
-                    "scans under DIR/train/. Does nothing if DIR/train.csv exists (a complete dataset).")
+                    "scans under DIR/train/, and the options in DIR/synth.json. Does nothing if DIR/train.csv "
+                    "exists (a complete dataset) with the same difficulty; refuses if its difficulty differs.")
     parser.add_argument("--out", default=layout.SYNTH_DATA_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--cases", type=int, default=6, help="number of cases (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int,
                         help="slices per volume (default: 144, or 80 for 276x276 scans, as in the real data)")
     parser.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    parser.add_argument("--difficulty", choices=synth.DIFFICULTIES, default="standard",
+                        help="hard: bowel look-alikes, overlapping intensities, several bowel pieces, gas, "
+                             "tapered ends, stronger bias and noise, slice motion (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete a dataset already in --out (its train.csv, synth.json and train/) and regenerate")
     parser.add_argument("--preview", metavar="FILE.png",
                         help="also draw a few slices with their mask contours to this PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -33,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.full and (args.days or args.slices):
         parser.error("--full fixes days and slices; drop --days/--slices")
     out = Path(args.out)
-    if (out / "train.csv").exists():
+    existing = synth.dataset_options(out)
+    if existing is not None and not args.overwrite and existing.get("difficulty") == args.difficulty:
         print(f"{out}: complete dataset already there (train.csv exists), not regenerated")
     else:
-        start = time.perf_counter()
+        start = time.perf_counter()  # make_dataset refuses a dataset of another difficulty without --overwrite
         synth.make_dataset(out, args.cases, args.seed, full=args.full, days=args.days, num_slices=args.slices,
-                           workers=args.workers, progress=not args.no_progress)
+                           workers=args.workers, progress=not args.no_progress, difficulty=args.difficulty,
+                           overwrite=args.overwrite)
         print(f"wrote {out}: {synth.count_slices(out)} slices in {time.perf_counter() - start:.1f} s")
     if args.preview:
         print(f"preview: {synth.preview(out, args.preview)}")

@@ -5,17 +5,37 @@ under DIR/train/, like the UW-Madison GI Tract data, so every command runs with 
 Each case has one anatomy (body, stomach, small-bowel loops, a large-bowel tube along the body's
 edge, unlabelled look-alikes); each of its days moves and deforms it a little. Pixels carry a
 per-case intensity scale, textures, a bias field and Rician noise. Same seed, same bytes.
+
+`difficulty="hard"` adds what makes the real scans hard (each element seeded from its own streams,
+[seed, case, 100, 7] for anatomy and [seed, case, day, 7] for a day, so "standard" keeps its bytes):
+
+- Bowel contents: small and large bowel lumen and wall from one distribution per case (stool to
+  fluid), a value per loop or colon piece; stomach fluid, food, gas in the same range. Stands for
+  contents that look alike in both bowels and differ from loop to loop.
+- Several pieces: small bowel in 2-3 separate packets; loops and colon with collapsed stretches
+  (thin, unlabelled cords). Stands for bowel that leaves the slab or collapses.
+- Look-alikes: unlabelled thin-walled tubes along z and walled blobs on 1-3 slices, with bowel
+  intensities. Stand for ureters, vessels with bright flow, ducts; cysts, lymph nodes, cut vessels.
+- Gas bubbles on the lumen's anterior (upper, supine) side, labelled as the organ: intraluminal gas.
+- Tapering: organ ends thin and fade into fat over TAPER_MM of arc and of z: partial volume where
+  organs begin and end.
+- A second, shorter bias wave and 1.5-2x the noise: coil sensitivity, lower SNR.
+- Slice motion: each slice moved by a random whole-pixel shift, its masks alike: breathing.
 """
 
+import json
 import multiprocessing
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy import ndimage
 from scipy.interpolate import CubicSpline
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from tfseg import CLASSES, layout
@@ -33,6 +53,8 @@ MAX_DAYS = 5
 Z_EXTENT = 429.0  # mm the slices of a volume span (144 slices, 3 mm apart); fewer slices sample it coarser
 SCALE_RANGE = (300.0, 30000.0)  # per-case intensity scale: the scan maxima of the real data's range
 HEADER = "id,class,segmentation"
+DIFFICULTIES = ("standard", "hard")
+META = "synth.json"  # the options a dataset was made with, written next to train.csv
 
 # Mean tissue intensities (fraction of the case's scale); each case jitters them a little.
 TISSUE = {
@@ -40,6 +62,10 @@ TISSUE = {
     "vessel": 0.85, "fluid": 0.88, "sb_wall": 0.16, "sb_lumen": 0.74, "lb_wall": 0.14, "lb_lumen": 0.4,
     "st_wall": 0.15, "st_fluid": 0.86, "st_food": 0.5, "gas": 0.04,
 }
+# Hard small-bowel packets (lateral, antero-posterior, height as in COLON): jejunum upper left, right
+# mid abdomen, pelvic ileum; far enough apart that the packets stay separate 3D pieces.
+SB_PACKETS = ((0.33, -0.18, 0.6), (-0.34, -0.2, 0.4), (0.0, -0.05, 0.06))
+TAPER_MM = 25.0  # hard: organ ends thin and fade over this much arc length and z
 # Large-bowel centre line: rectum, sigmoid, descending, transverse, ascending colon, caecum as
 # (lateral, antero-posterior: fractions of the body's half axes; height: fraction of the organ band).
 COLON = ((0.0, 0.42, -0.02), (0.02, 0.36, 0.1), (0.2, 0.12, 0.17), (0.42, 0.0, 0.13), (0.62, 0.18, 0.24),
@@ -58,6 +84,7 @@ class Volume:
     spacing: float
     slices: int
     scale: float  # the case's intensity scale (scan maxima come out near it)
+    difficulty: str = "standard"  # one of DIFFICULTIES
 
     @property
     def case_day(self) -> str:
@@ -77,9 +104,15 @@ def _split_days(rng, n_cases: int, total: int) -> np.ndarray:
     return days
 
 
+def _check_difficulty(difficulty: str) -> None:
+    if difficulty not in DIFFICULTIES:
+        raise ConfigError(f"difficulty must be one of {', '.join(DIFFICULTIES)}; got {difficulty!r}")
+
+
 def plan_volumes(cases: int = 6, seed: int = 0, *, full: bool = False, days: int | None = None,
-                 num_slices: int | None = None) -> list[Volume]:
+                 num_slices: int | None = None, difficulty: str = "standard") -> list[Volume]:
     """The case-days a dataset holds, sorted by case and day (no pixels: cheap)."""
+    _check_difficulty(difficulty)
     rng = np.random.default_rng([seed, 0])
     if full:
         if days is not None or num_slices is not None:
@@ -105,7 +138,7 @@ def plan_volumes(cases: int = 6, seed: int = 0, *, full: bool = False, days: int
         width, height, spacing, depth, _ = SIZES[size_of[k]]
         for day in np.sort(rng.choice(np.arange(40), days_of[k], replace=False)):
             volumes.append(Volume(int(number), int(day), width, height, spacing, int(num_slices or depth),
-                                  round(float(scale), 1)))
+                                  round(float(scale), 1), difficulty))
     return volumes
 
 
@@ -143,6 +176,26 @@ def _noise(rng, shape) -> np.ndarray:
     """Cheap near-Gaussian noise (sum of two uniform bytes, unit variance): far faster than normals."""
     u = np.frombuffer(rng.bytes(2 * shape[0] * shape[1]), np.uint8).reshape(2, *shape)
     return (u[0].astype(np.float32) + u[1] - 255) * np.float32(1 / 104.5)
+
+
+def _taper(labelled: np.ndarray, step: float) -> np.ndarray:
+    """0 at both ends of each run of labelled centre-line points, rising to 1 over TAPER_MM of arc."""
+    dist = ndimage.distance_transform_edt(np.r_[0, labelled, 0])[1:-1]
+    return np.clip((dist - 0.5) * step / TAPER_MM, 0, 1)
+
+
+def _runs(flags: np.ndarray) -> list[np.ndarray]:
+    """Indices of the runs of equal consecutive flags."""
+    return np.split(np.arange(len(flags)), np.flatnonzero(np.diff(flags.astype(int))) + 1)
+
+
+def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """a moved by whole pixels (rows dy, columns dx), zero where nothing moves in."""
+    out = np.zeros_like(a)
+    h, w = a.shape
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = a[max(-dy, 0):h + min(-dy, 0),
+                                                                  max(-dx, 0):w + min(-dx, 0)]
+    return out
 
 
 def _ellipsoid(x, y, z, centre, half, angle):
@@ -229,6 +282,124 @@ class Phantom:
         self.blobs = [(value, centre, half, angle, self._window(centre, max(half[:2])))
                       for value, centre, half, angle in blobs]
         self.stomach = [(c, half, angle, self._window(c, max(half[:2]))) for c, half, angle in self.stomach]
+        self.hard = vol.difficulty == "hard"
+        if self.hard:
+            self._init_hard(seed, a, b, z0, zlen, colon, stomach)
+
+    def _init_hard(self, seed, a, b, z0, zlen, colon, stomach):
+        """The hard elements (module docstring), from their own streams so standard keeps its bytes."""
+        vol, t = self.vol, self.tissue
+        rng = np.random.default_rng([seed, vol.case, 100, 7])  # the case's anatomy: 100 is no day (< 40)
+        day = np.random.default_rng([seed, vol.case, vol.day, 7])
+
+        def at(u, v, f, jitter=0.03):
+            u, v, f = np.array([u, v, f]) + rng.normal(0, jitter, 3)
+            return np.array([u * a, v * b, z0 + f * zlen])
+
+        # Bowel contents: one distribution for both bowels, from stool (negative: mottled, with gas)
+        # to bright fluid, a value per loop or colon piece; the stomach's contents from the same range.
+        mu = rng.uniform(0.45, 0.75)
+
+        def contents(n=None):
+            return mu * rng.uniform(0.65, 1.35, n) * np.where(rng.random(n) < 0.35, -1, 1)
+
+        self.wall = t["sb_wall"] = t["lb_wall"] = t["st_wall"] = rng.uniform(0.12, 0.2)
+        t["st_fluid"], t["st_food"] = mu * rng.uniform(1.05, 1.3), mu * rng.uniform(0.6, 0.9)
+
+        # Small bowel: loops in 2-3 packets, some loops with a collapsed stretch; where a packet comes
+        # near an earlier one it is collapsed too, so the packets stay separate 3D pieces.
+        half = np.array([0.29 * a, 0.32 * b, 0.15 * zlen])
+        sb_r = rng.uniform(10, 13)
+        loops, sb_flags, earlier = [], [], []
+        for p in rng.choice(len(SB_PACKETS), int(rng.integers(2, 4)), replace=False):
+            packet = _loops(rng, at(*SB_PACKETS[p]), half, rng.uniform(800, 1200), 2.5)
+            tree = cKDTree(np.concatenate(earlier)) if earlier else None
+            for c in packet:
+                flags = self._collapse(rng, len(c), int(rng.random() < 0.5), 8, 16)
+                if tree is not None:
+                    flags &= tree.query(c)[0] > 2 * sb_r + 15  # wobble moves each loop up to 4 mm
+                sb_flags.append(flags)
+            loops += packet
+            earlier += packet
+        sb_values = [np.full(len(c), contents()) for c in loops]
+        # Large bowel: 1-2 collapsed stretches (sigmoid, transverse colon), contents per piece.
+        lb_flags = self._collapse(rng, len(colon), int(rng.integers(1, 3)), 10, 20)
+        lb_values = np.zeros(len(colon))
+        for run in _runs(lb_flags):
+            lb_values[run] = contents()
+        # Unlabelled tubes: craniocaudal, thin-walled, bright (ureters, vessels, ducts); one may be anterior.
+        tubes = []
+        for i in range(int(rng.integers(2, 5))):
+            side = rng.choice([-1, 1])
+            front = i == 0 and rng.random() < 0.5
+            u, v = side * rng.uniform(0.12, 0.4), rng.uniform(-0.5, 0.0) if front else rng.uniform(0.25, 0.5)
+            top = rng.uniform(0.55, 0.95)
+            ctrl = [at(u + rng.normal(0, 0.06), v + rng.normal(0, 0.05), f, 0.0) for f in np.linspace(-0.05, top, 5)]
+            tubes.append((_resample(np.array(ctrl), 2.0), rng.uniform(5, 10), rng.uniform(1.5, 2.5),
+                          mu * rng.uniform(0.9, 1.4)))
+        # Unlabelled blobs on 1-3 slices, with a wall (cysts, lymph nodes, cross-cut vessels).
+        step = Z_EXTENT / max(vol.slices - 1, 1)
+        blobs = []
+        for _ in range(int(rng.integers(8, 17))):
+            centre = at(rng.uniform(-0.6, 0.6), rng.uniform(-0.55, 0.3), rng.uniform(0, 0.95), 0.0)
+            half_axes = np.r_[rng.uniform(6, 14, 2), rng.uniform(0.6, 1.5) * step]
+            blobs.append((self.wall * rng.uniform(0.8, 1.3), abs(contents()), centre, half_axes,
+                          rng.uniform(0, np.pi)))
+
+        # The day: peristalsis, tapered ends, gas, contents, stronger bias and noise, slice motion.
+        sb_px = [self._to_image(self._wobble(day, c, 4.0)) for c in loops]
+        entries = self._bowel(sb_px, [np.full(len(c), sb_r) for c in loops], sb_flags, sb_values, 1, 2.5)
+        entries += self._bowel([self.colon_px], [self.colon_r], [lb_flags], [lb_values], 0, 2.0)
+        for pts, r, wall_mm, value in tubes:
+            pts = self._to_image(self._wobble(day, pts, 2.0))
+            fade = 0.4 + 0.6 * _taper(np.ones(len(pts), bool), 2.0)
+            entries.append((pts, r * fade, self._faded(self.wall, fade), self._faded(value, fade), wall_mm, -1))
+        self.tubes = sorted(entries, key=lambda e: e[-1] >= 0)  # unlabelled first: bowel drawn over them
+        self.hard_blobs = [(w, v, c, h, ang, self._window(c, max(h[:2]))) for w, v, c, h, ang in blobs]
+        balls = [(e[0], e[1]) for e in entries if e[-1] >= 0]
+        pts, r = np.concatenate([p for p, _ in balls]), np.concatenate([r for _, r in balls])
+        pick = day.choice(len(pts), int(day.integers(10, 25)))
+        # Gas rises to the lumen's anterior side (image up: the patient lies supine).
+        self.gas = pts[pick] - np.outer(0.4 * r[pick], [0, 1, 0]), r[pick] * day.uniform(0.2, 0.45, len(pick))
+        self.content = day.choice(["fluid", "food", "air", "mixed"])
+        self.stomach_z = (min(c[2] - h[2] for c, h, _ in stomach), max(c[2] + h[2] for c, h, _ in stomach))
+        self.noise *= day.uniform(1.5, 2.0)
+        self.bias_hard = day.normal(0, 2 * np.pi / 250, 3), day.uniform(0, 2 * np.pi), day.uniform(0.15, 0.3)
+        self.motion = np.clip(np.rint(day.normal(0, 1.0, (vol.slices, 2))), -3, 3).astype(int)
+
+    @staticmethod
+    def _collapse(rng, n: int, count: int, shortest: int, longest: int) -> np.ndarray:
+        """Labelled flags of n centre-line points with `count` collapsed stretches away from the ends."""
+        flags = np.ones(n, bool)
+        for _ in range(count):
+            length = int(rng.integers(shortest, longest + 1))
+            if n > length + 4 * shortest:
+                start = int(rng.integers(2 * shortest, n - length - 2 * shortest + 1))
+                flags[start:start + length] = False
+        return flags
+
+    def _faded(self, value, fade):
+        """Intensity blended toward the surrounding fat (partial volume); the sign (stool) kept."""
+        return np.sign(value) * (self.tissue["fat"] + (np.abs(value) - self.tissue["fat"]) * fade)
+
+    def _bowel(self, curves, radii, flags, values, organ, step):
+        """Tube entries of one bowel: labelled runs thin and fade at their ends and at the organ's z ends;
+        collapsed runs are thin unlabelled cords."""
+        zs = np.concatenate([c[f, 2] for c, f in zip(curves, flags, strict=True)])
+        zlo, zhi = zs.min(), zs.max()
+        entries = []
+        for pts, r, flag, value in zip(curves, radii, flags, values, strict=True):
+            ends = np.clip(np.minimum(pts[:, 2] - zlo, zhi - pts[:, 2]) / TAPER_MM, 0, 1)
+            g = np.minimum(_taper(flag, step), ends)
+            fade, thin = 0.4 + 0.6 * g, 0.25 + 0.75 * g
+            wall, lumen = self._faded(self.wall, fade), self._faded(value, fade)
+            for run in _runs(flag):
+                if flag[run[0]]:
+                    entries.append((pts[run], r[run] * thin[run], wall[run], lumen[run], 3.0, organ))
+                else:
+                    n = len(run)
+                    entries.append((pts[run], np.full(n, 3.5), np.full(n, self.wall), np.zeros(n), 0.0, -1))
+        return entries
 
     def _warp(self, x, y, z):
         """Smooth in-plane displacement (mm) of this day at image positions."""
@@ -295,9 +466,85 @@ class Phantom:
         kb, pb, ab = self.bias
         bias = np.exp(sum(ab[i] * np.sin(kb[i, 0] * xg + kb[i, 1] * yg + kb[i, 2] * z + pb[i])
                           for i in range(2)))
+        if self.hard:
+            kh, ph, ah = self.bias_hard
+            bias = bias * np.exp(ah * np.sin(kh[0] * xg + kh[1] * yg + kh[2] * z + ph))
         size = (self.vol.width, self.vol.height)
         return [cv2.resize(f.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
                 for f in (xa, ya, rho, bias)] + [za]
+
+    def _draw_tube(self, val, label, pts, r, wall, lumen, wall_mm, z):
+        """One tube cut by the slice at z: wall then lumen values into val (and its outline into label),
+        so a later tube keeps its own wall where it touches an earlier one."""
+        hit = np.abs(pts[:, 2] - z) < r
+        if not hit.any():
+            return
+        sp = self.vol.spacing
+        rr = np.sqrt(r[hit] ** 2 - (pts[hit, 2] - z) ** 2) / sp * 16
+        cx, cy = (np.round(p * 16).astype(int).tolist() for p in self._pixels(pts[hit, 0], pts[hit, 1]))
+        outer, inner = rr.astype(int).tolist(), (rr - wall_mm / sp * 16).astype(int).tolist()
+        walls, lumens = wall[hit].tolist(), lumen[hit].tolist()
+        for x, y, r_out, v in zip(cx, cy, outer, walls, strict=True):
+            cv2.circle(val, (x, y), r_out, v, -1, cv2.LINE_8, 4)
+            if label is not None:
+                cv2.circle(label, (x, y), r_out, 1, -1, cv2.LINE_8, 4)
+        for x, y, r_in, v in zip(cx, cy, inner, lumens, strict=True):
+            if r_in > 0 and v != 0:
+                cv2.circle(val, (x, y), r_in, v, -1, cv2.LINE_8, 4)
+
+    def _organs_hard(self, z, img, xa, ya, za, cavity, texture, coarse, fine):
+        """Draw the hard slice's look-alikes and organs into img; return the large-bowel, small-bowel,
+        stomach and look-alike masks (look-alikes: unlabelled tubes, cords and blobs, where no organ is)."""
+        t, h, w = self.tissue, *img.shape
+        val = np.zeros((h, w), np.float32)  # tube and blob intensities, negative for stool; 0: none
+        labels = np.zeros((2, h, w), np.uint8)
+        lookalike = None
+        for wall, lumen, centre, half, angle, win in self.hard_blobs:
+            outer = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
+            if outer is not None:
+                inner = _ellipsoid(xa[win], ya[win], za, centre, half - np.r_[2.5, 2.5, 0], angle)
+                val[win][outer] = wall
+                val[win][inner] = lumen
+        for pts, r, wall, lumen, wall_mm, organ in self.tubes:
+            if organ >= 0 and lookalike is None:  # the unlabelled entries come first
+                lookalike = val != 0
+            self._draw_tube(val, labels[organ] if organ >= 0 else None, pts, r, wall, lumen, wall_mm, z)
+        lookalike = val != 0 if lookalike is None else lookalike
+        tube, stool = (val != 0) & cavity, val < 0
+        np.copyto(img, val * (texture + 0.12 * coarse + 0.06 * fine), where=tube & ~stool)
+        np.copyto(img, np.where(coarse > 1.2, t["gas"], -val * (1 + 0.35 * fine)), where=tube & stool)
+        lb_out, sb_out = labels[0].astype(bool) & cavity, labels[1].astype(bool) & cavity
+        centres, radii = self.gas
+        hit = np.abs(centres[:, 2] - z) < radii
+        if hit.any():
+            gas = np.zeros((h, w), np.uint8)
+            rr = np.sqrt(radii[hit] ** 2 - (centres[hit, 2] - z) ** 2) / self.vol.spacing * 16
+            cx, cy = (np.round(p * 16).astype(int).tolist() for p in self._pixels(centres[hit, 0], centres[hit, 1]))
+            for x, y, r in zip(cx, cy, rr.astype(int).tolist(), strict=True):
+                cv2.circle(gas, (x, y), r, 1, -1, cv2.LINE_8, 4)
+            np.copyto(img, t["gas"] * texture, where=gas.astype(bool) & (lb_out | sb_out))
+
+        lo, hi = self.stomach_z
+        g = np.clip(min(za - lo, hi - za) / TAPER_MM, 0, 1)
+        stomach = np.zeros((h, w), bool)
+        for centre, half, angle, win in self.stomach:
+            inside = _ellipsoid(xa[win], ya[win], za, centre, half * np.r_[0.4 + 0.6 * g, 0.4 + 0.6 * g, 1], angle)
+            if inside is not None:
+                stomach[win] |= inside
+        stomach &= cavity
+        if stomach.any():
+            depth = cv2.distanceTransform(stomach.astype(np.uint8), cv2.DIST_L2, 5) * self.vol.spacing
+            inner = stomach & (depth > self.stomach_wall * (1 + 0.3 * coarse))
+            fluid, food = t["st_fluid"] * texture, t["st_food"] * (1 + 0.3 * fine)
+            cap = ya < self.air_level
+            content = {"fluid": fluid, "food": food, "air": np.where(cap, t["gas"], fluid),
+                       "mixed": np.where(cap, t["gas"], food)}[self.content]
+            np.copyto(img, t["st_wall"] * texture, where=stomach)
+            np.copyto(img, content, where=inner)
+            fade = 0.4 + 0.6 * g
+            background = t["fat"] * texture
+            np.copyto(img, background + (img - background) * fade, where=stomach)
+        return lb_out, sb_out, stomach, lookalike & cavity & ~(lb_out | sb_out | stomach)
 
     def render(self) -> tuple[np.ndarray, np.ndarray]:
         """Scans uint16 [D, H, W] and masks uint8 [D, H, W, 3] (tfseg.CLASSES order, 0/1)."""
@@ -310,6 +557,8 @@ class Phantom:
         grid = np.meshgrid(xc * vol.spacing, yc * vol.spacing)
         image = np.empty((d, h, w), np.uint16)
         mask = np.zeros((d, h, w, 3), np.uint8)
+        if self.hard:
+            self.lookalikes = np.zeros((d, h, w), bool)  # where unlabelled look-alikes are (tests, inspection)
         for k, z in enumerate(np.linspace(0, Z_EXTENT, d) if d > 1 else [Z_EXTENT / 2]):
             xa, ya, rho, bias, za = self._smooth_fields(z, grid)
             fine = cv2.GaussianBlur(_noise(rng, (h, w)), (0, 0), 1.0) * 3.5
@@ -326,30 +575,36 @@ class Phantom:
                 if inside is not None:
                     np.copyto(img[win], value * texture[win], where=inside & cavity[win])
 
-            # The organs, each confined to the cavity.
-            sb_out, sb_lumen = self._tubes(self.sb_px, [self.sb_r] * len(self.sb_px), z, 3.5)
-            lb_out, lb_lumen = self._tubes([self.colon_px], [self.colon_r], z, 3.0)
-            stomach = np.zeros((h, w), bool)
-            for centre, half, angle, win in self.stomach:
-                inside = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
-                if inside is not None:
-                    stomach[win] |= inside
-            sb_out &= cavity
-            lb_out &= cavity
-            stomach &= cavity
-            np.copyto(img, t["sb_wall"] * texture, where=sb_out)
-            np.copyto(img, t["sb_lumen"] * (texture + 0.12 * coarse + 0.06 * fine), where=sb_out & sb_lumen)
-            np.copyto(img, t["lb_wall"] * texture, where=lb_out)
-            stool = np.where(coarse > 1.0, t["gas"], t["lb_lumen"] * (1 + 0.35 * fine))
-            np.copyto(img, stool, where=lb_out & lb_lumen)
-            if stomach.any():
-                depth = cv2.distanceTransform(stomach.astype(np.uint8), cv2.DIST_L2, 5) * vol.spacing
-                inner = stomach & (depth > self.stomach_wall * (1 + 0.3 * coarse))
-                fluid = t["st_fluid"] * texture
-                content = {"fluid": fluid, "food": t["st_food"] * (1 + 0.3 * fine),
-                           "air": np.where(ya < self.air_level, t["gas"], fluid)}[self.content]
-                np.copyto(img, t["st_wall"] * texture, where=stomach)
-                np.copyto(img, content, where=inner)
+            if self.hard:
+                *organs, lookalike = self._organs_hard(z, img, xa, ya, za, cavity, texture, coarse, fine)
+                dy, dx = self.motion[k]
+                moved = [_shift(a, dy, dx) for a in (img, *organs, lookalike)]
+                img, lb_out, sb_out, stomach, self.lookalikes[k] = moved
+            else:
+                # The organs, each confined to the cavity.
+                sb_out, sb_lumen = self._tubes(self.sb_px, [self.sb_r] * len(self.sb_px), z, 3.5)
+                lb_out, lb_lumen = self._tubes([self.colon_px], [self.colon_r], z, 3.0)
+                stomach = np.zeros((h, w), bool)
+                for centre, half, angle, win in self.stomach:
+                    inside = _ellipsoid(xa[win], ya[win], za, centre, half, angle)
+                    if inside is not None:
+                        stomach[win] |= inside
+                sb_out &= cavity
+                lb_out &= cavity
+                stomach &= cavity
+                np.copyto(img, t["sb_wall"] * texture, where=sb_out)
+                np.copyto(img, t["sb_lumen"] * (texture + 0.12 * coarse + 0.06 * fine), where=sb_out & sb_lumen)
+                np.copyto(img, t["lb_wall"] * texture, where=lb_out)
+                stool = np.where(coarse > 1.0, t["gas"], t["lb_lumen"] * (1 + 0.35 * fine))
+                np.copyto(img, stool, where=lb_out & lb_lumen)
+                if stomach.any():
+                    depth = cv2.distanceTransform(stomach.astype(np.uint8), cv2.DIST_L2, 5) * vol.spacing
+                    inner = stomach & (depth > self.stomach_wall * (1 + 0.3 * coarse))
+                    fluid = t["st_fluid"] * texture
+                    content = {"fluid": fluid, "food": t["st_food"] * (1 + 0.3 * fine),
+                               "air": np.where(ya < self.air_level, t["gas"], fluid)}[self.content]
+                    np.copyto(img, t["st_wall"] * texture, where=stomach)
+                    np.copyto(img, content, where=inner)
 
             # Acquisition: partial-volume blur, smooth bias field, Rician noise, the case's scale.
             img = cv2.GaussianBlur(img, (0, 0), 0.7) * bias * self.day_tissue
@@ -384,14 +639,42 @@ def _single_thread():
     cv2.setNumThreads(1)  # processes already fill the cores
 
 
+def dataset_options(out_dir: str | os.PathLike) -> dict | None:
+    """The options a complete dataset in out_dir was made with (DIR/synth.json), None if there is none.
+    A complete dataset without synth.json predates difficulties: standard."""
+    out = Path(out_dir)
+    if not (out / "train.csv").exists():
+        return None
+    if not (out / META).exists():
+        return {"difficulty": "standard"}
+    try:
+        return json.loads((out / META).read_text())
+    except ValueError as err:
+        raise DataError(f"{out / META}: not JSON ({err})") from err
+
+
 def make_dataset(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, full: bool = False,
                  days: int | None = None, num_slices: int | None = None, workers: int | None = None,
-                 progress: bool = True) -> Path:
-    """Write the synthetic dataset to out_dir (train.csv last); return at once if train.csv exists."""
+                 progress: bool = True, difficulty: str = "standard", overwrite: bool = False) -> Path:
+    """Write the synthetic dataset to out_dir (DIR/synth.json, then train.csv last).
+
+    If a complete dataset is there (train.csv exists) it is kept and returned at once, unless it was
+    made with another difficulty (ConfigError) or overwrite is set (its train.csv, synth.json and
+    train/ are deleted first).
+    """
     out = Path(out_dir)
-    if (out / "train.csv").exists():
+    _check_difficulty(difficulty)
+    existing = dataset_options(out)
+    if existing is not None and not overwrite:
+        if existing.get("difficulty") != difficulty:
+            raise ConfigError(f"{out} holds a synthetic dataset of difficulty {existing.get('difficulty')!r}, "
+                              f"not {difficulty!r}: pass --overwrite to replace it, or choose another folder")
         return out
-    volumes = plan_volumes(cases, seed, full=full, days=days, num_slices=num_slices)
+    volumes = plan_volumes(cases, seed, full=full, days=days, num_slices=num_slices, difficulty=difficulty)
+    if overwrite:
+        (out / "train.csv").unlink(missing_ok=True)  # first, so an interrupted overwrite is incomplete
+        (out / META).unlink(missing_ok=True)
+        shutil.rmtree(out / "train", ignore_errors=True)
     jobs = [(out, vol, seed) for vol in volumes]
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
@@ -405,6 +688,10 @@ def make_dataset(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, f
             rows += vol_rows
             bar.update(vol.slices)
     bar.close()
+    options = {"difficulty": difficulty, "seed": seed, "cases": len({v.case for v in volumes}),
+               "case_days": len(volumes), "slices": sum(v.slices for v in volumes), "full": full}
+    with atomic_path(out / META) as tmp:
+        tmp.write_text(json.dumps(options, indent=1) + "\n")
     with atomic_path(out / "train.csv") as tmp:
         tmp.write_text("\n".join(rows) + "\n")
     return out
