@@ -6,7 +6,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from tfseg import CLASSES
-from tfseg.model.losses import BceDiceLoss, FocalLoss, TverskyLoss, get_loss, per_example_loss
+from tfseg.model.losses import BceDiceLoss, FocalDiceLoss, FocalLoss, TverskyLoss, get_loss, per_example_loss
 from tfseg.model.metrics import DiceMetric, IoUMetric, get_metrics
 
 RNG = np.random.default_rng(0)
@@ -85,6 +85,9 @@ LOSS_CASES = [  # (loss class, kwargs, y_true, y_pred, expected per-example valu
     (FocalLoss, {}, MASK, PROBS, np_focal(MASK, PROBS)),
     (FocalLoss, {"gamma": 0.0, "alpha": 0.5}, MASK, PROBS, 0.5 * np_bce(MASK, PROBS).mean(axis=(1, 2, 3))),
     (FocalLoss, {"gamma": 1.0, "alpha": 0.9}, MASK, PROBS, np_focal(MASK, PROBS, 1.0, 0.9)),
+    (FocalDiceLoss, {}, MASK, PROBS, np_focal(MASK, PROBS) + np_bce_dice(MASK, PROBS, bce_weight=0.0)),
+    (FocalDiceLoss, {"gamma": 0.0, "alpha": 0.5, "dice_weight": 0.0}, MASK, PROBS,
+     0.5 * np_bce(MASK, PROBS).mean(axis=(1, 2, 3))),
 ]
 
 
@@ -140,7 +143,7 @@ def test_custom_distributed_step_matches_numpy():
 @pytest.mark.parametrize(("name", "kwargs", "cls"), [
     ("bce_dice", {"smooth": 2.0}, BceDiceLoss), ("bce_dice", {"batch_dice": True}, BceDiceLoss),
     ("tversky", {"alpha": 0.2}, TverskyLoss),
-    ("focal", {"gamma": 1.5}, FocalLoss)])
+    ("focal", {"gamma": 1.5}, FocalLoss), ("focal_dice", {"gamma": 1.0, "batch_dice": True}, FocalDiceLoss)])
 def test_get_loss_and_serialization(name, kwargs, cls):
     loss = get_loss(name, **kwargs)
     assert type(loss) is cls and all(getattr(loss, k) == v for k, v in kwargs.items())
@@ -150,7 +153,8 @@ def test_get_loss_and_serialization(name, kwargs, cls):
 
 
 @pytest.mark.parametrize(("make", "match"), [
-    (lambda: get_loss("dice"), "bce_dice, tversky, focal"),
+    (lambda: get_loss("dice"), "bce_dice, tversky, focal, focal_dice"),
+    (lambda: FocalDiceLoss(gamma=-1.0), "gamma"),
     (lambda: get_loss("focal", beta=0.5), "focal"),
     (lambda: BceDiceLoss(bce_weight=-1.0), "weights"),
     (lambda: BceDiceLoss(bce_weight=0.0, dice_weight=0.0), "weights"),
@@ -272,7 +276,7 @@ LOGITS = np.log(PROBS / (1 - PROBS)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name, options", [("bce_dice", {}), ("bce_dice", {"batch_dice": True}), ("tversky", {}),
-                                           ("focal", {"gamma": 2.0, "alpha": 0.25})])
+                                           ("focal", {"gamma": 2.0, "alpha": 0.25}), ("focal_dice", {})])
 def test_from_logits_equals_the_loss_of_the_probabilities(name, options):
     from_logits = get_loss(name, **options, from_logits=True)
     plain = get_loss(name, **options)

@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "bce_dice"  # bce_dice | tversky | focal
+    name: str = "bce_dice"  # bce_dice | tversky | focal | focal_dice (focal in place of BCE, + Dice)
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     batch_dice: bool = False  # bce_dice: Dice over the whole batch, not per slice (see losses.BceDiceLoss)
@@ -127,7 +127,7 @@ CHOICES = {
     "model.encoder": (None, "efficientnetv2b0", "efficientnetv2s", "efficientnetv2m", "efficientnetv2l",
                       "efficientnetb4", "efficientnetb5", "efficientnetb6", "efficientnetb7", "resnet50",
                       "convnext_tiny", "convnext_small", "convnext_base"),
-    "loss.name": ("bce_dice", "tversky", "focal"),
+    "loss.name": ("bce_dice", "tversky", "focal", "focal_dice"),
     "train.optimizer": ("adamw", "adam"),
     "train.strategy": ("auto", "default", "one_device", "mirrored", "multiworker", "tpu"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),

@@ -75,7 +75,7 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
                  batch_size: int = 16, post_overrides: dict | None = None, tta=(), allow_untrained_tta: bool = False,
                  limit: int | None = None, empty_dice: str = "skip", hausdorff: str = "joined",
                  progress: bool = True) -> tuple[dict, Path]:
-    """Evaluate a run folder's best model (with flip `tta`), or an export `model` (its predict_float
+    """Evaluate a run folder's model (with flip `tta`), or an export `model` (its predict_float
     signature, with the TTA and members it was exported with), on `folds` (default: the run's validation
     folds), post-processed as the run's config says except for `post_overrides` (Postprocess fields); a
     flip in tta must be one the run was trained with, unless allow_untrained_tta (check_tta);

@@ -35,5 +35,7 @@ def build_loss(config: Config) -> keras.losses.Loss:
     c = config.loss
     options = {"bce_dice": {"bce_weight": c.bce_weight, "dice_weight": c.dice_weight, "batch_dice": c.batch_dice},
                "tversky": {"alpha": c.tversky_alpha, "beta": c.tversky_beta},
-               "focal": {"gamma": c.focal_gamma, "alpha": c.focal_alpha}}[c.name]
+               "focal": {"gamma": c.focal_gamma, "alpha": c.focal_alpha},
+               "focal_dice": {"bce_weight": c.bce_weight, "dice_weight": c.dice_weight, "batch_dice": c.batch_dice,
+                              "gamma": c.focal_gamma, "alpha": c.focal_alpha}}[c.name]
     return get_loss(c.name, **options, from_logits=True)  # training steps feed the logits (Steps)

@@ -102,16 +102,23 @@ class BceDiceLoss(_SegmentationLoss):
     sums (batch_sums, per_example_with_sums), so the loss is the global batch's for any replica count.
     """
 
+    NAME = "bce_dice"
+
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  batch_dice: bool = False, **kwargs):
         check_option(bce_weight >= 0 and dice_weight >= 0 and bce_weight + dice_weight > 0,
-               f"bce_dice: weights must be >= 0 and not both 0, got {bce_weight}, {dice_weight}")
-        super().__init__("bce_dice", {"bce_weight": bce_weight, "dice_weight": dice_weight, "smooth": smooth},
-                         **kwargs)
+               f"{self.NAME}: weights must be >= 0 and not both 0, got {bce_weight}, {dice_weight}")
+        options = {"bce_weight": bce_weight, "dice_weight": dice_weight, "smooth": smooth}
+        options |= {key: kwargs.pop(key) for key in ("gamma", "alpha") if key in kwargs}
+        super().__init__(self.NAME, options, **kwargs)
         self.batch_dice = bool(batch_dice)
 
+    def pixel_loss(self, y_true, y_pred, logits):
+        """The per-pixel term beside Dice: BCE (FocalDiceLoss: focal)."""
+        return binary_crossentropy(y_true, y_pred, logits)
+
     def per_example(self, y_true, y_pred, logits=None):
-        bce = _mean_per_example(binary_crossentropy(y_true, y_pred, logits))
+        bce = _mean_per_example(self.pixel_loss(y_true, y_pred, logits))
         if self.batch_dice:  # the whole batch as one image: every example gets the batch's Dice term
             y_true, y_pred = y_true[None], y_pred[None]
         dice = tversky_index(y_true, y_pred, 0.5, 0.5, self.smooth / 2)
@@ -130,7 +137,7 @@ class BceDiceLoss(_SegmentationLoss):
         """per_example with the batch Dice term computed from `sums` (batch_sums of the global batch)."""
         y_true, y_pred = as_float32(y_true, y_pred)
         y_pred, logits = probabilities(y_pred, self.from_logits)
-        bce = _mean_per_example(binary_crossentropy(y_true, y_pred, logits))
+        bce = _mean_per_example(self.pixel_loss(y_true, y_pred, logits))
         tp, predicted, true = ops.unstack(sums, num=3)
         half = self.smooth / 2
         dice = (tp + half) / (0.5 * (predicted + true) + half)  # the Tversky index with alpha = beta = 1/2
@@ -168,13 +175,33 @@ class FocalLoss(_SegmentationLoss):
         super().__init__("focal", {"gamma": gamma, "alpha": alpha}, **kwargs)
 
     def per_example(self, y_true, y_pred, logits=None):
-        p_t = y_true * y_pred + (1.0 - y_true) * (1.0 - y_pred)
-        alpha_t = y_true * self.alpha + (1.0 - y_true) * (1.0 - self.alpha)
-        bce = binary_crossentropy(y_true, y_pred, logits)
-        return _mean_per_example(alpha_t * ops.power(1.0 - p_t, self.gamma) * bce)
+        return _mean_per_example(focal_term(y_true, y_pred, logits, self.gamma, self.alpha))
 
 
-LOSSES = {"bce_dice": BceDiceLoss, "tversky": TverskyLoss, "focal": FocalLoss}
+def focal_term(y_true, y_pred, logits, gamma: float, alpha: float):
+    """Per-pixel binary focal loss -a_t (1 - p_t)**gamma log(p_t)."""
+    p_t = y_true * y_pred + (1.0 - y_true) * (1.0 - y_pred)
+    alpha_t = y_true * alpha + (1.0 - y_true) * (1.0 - alpha)
+    return alpha_t * ops.power(1.0 - p_t, gamma) * binary_crossentropy(y_true, y_pred, logits)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class FocalDiceLoss(BceDiceLoss):
+    """bce_weight * mean pixel focal loss (FocalLoss's) + dice_weight * the Dice term of BceDiceLoss (with
+    its batch_dice option): focal in place of BCE spends the pixel term on the pixels still wrong."""
+
+    NAME = "focal_dice"
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, **kwargs):
+        check_option(gamma >= 0, f"focal_dice: gamma must be >= 0, got {gamma}")
+        check_option(0 <= alpha <= 1, f"focal_dice: alpha must be in [0, 1], got {alpha}")
+        super().__init__(gamma=gamma, alpha=alpha, **kwargs)
+
+    def pixel_loss(self, y_true, y_pred, logits):
+        return focal_term(y_true, y_pred, logits, self.gamma, self.alpha)
+
+
+LOSSES = {"bce_dice": BceDiceLoss, "tversky": TverskyLoss, "focal": FocalLoss, "focal_dice": FocalDiceLoss}
 
 
 def get_loss(name: str, **kwargs) -> keras.losses.Loss:
