@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from tfseg.errors import ConfigError
 
-PROBE_STEPS = 8  # timed steps after the first (which compiles)
+PROBE_STEPS = 16  # timed steps after the first (which compiles): past what the prefetch buffer held
 PROBE_SHARE = 0.05  # at most this share of the budget goes to timing steps
 VALIDATION_PROBE_BATCHES = 3  # validation batches timed (the first compiles)
 VALIDATION_SHARE = 0.2  # validations beyond this share of the time are dropped (fewer epochs), not steps
-SAFETY = 0.97  # share of the time left that the plan fills: checkpoints and logs take the rest
+SAFETY = 0.95  # share of the time left that the plan fills: checkpoints, logs and a noisy machine take the rest
 FINAL_SECONDS = 3.0  # saving the model and the curves at the end
 
 
