@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from tfseg import CLASSES, files
+from tfseg.config import load_config
 from tfseg.errors import DataError
 from tfseg.layout import EVAL_PER_VOLUME, EVAL_SCORES_PLOT, EVAL_SUMMARY, RunFolder
 
@@ -82,6 +83,11 @@ def pipeline_summary(run_dir: str | Path, model=None, submission=None, overlays=
              f"all-empty prediction would score {summary['empty_score']:.4f}"]
     if "ungated_score" in summary:
         lines.insert(3, f"without empty-slice gating {summary['ungated_score']:.4f}")
+    if run.config.exists():
+        t = load_config(run.config).train
+        trained = (f"a {t.budget_minutes:g}-minute time budget (train.budget_minutes)" if t.budget_minutes
+                   else "a fixed number of steps")
+        lines.insert(3, f"after training for {trained}: {t.epochs} epochs of {t.steps_per_epoch} steps")
     outputs = [("run folder (config, history.csv, checkpoints)", run.path),
                ("training curves (loss, per-class Dice)", run.curves),
                ("evaluation report", run.eval_dir),
