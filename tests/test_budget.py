@@ -74,7 +74,7 @@ def test_a_budgeted_run_resumes_with_its_steps(budget_run):
     result, run_dir, _, config = budget_run
     again = train.train(config, run_dir, progress=False)  # finished: resumes, takes no step, plans nothing
     assert again.config.train.steps_per_epoch == result.config.train.steps_per_epoch
-    assert [r["loss"] for r in again.history] == pytest.approx([r["loss"] for r in result.history])
+    assert [r["loss"] for r in again.history] == pytest.approx([r["loss"] for r in result.history], rel=1e-5)
 
 
 @pytest.mark.parametrize("minutes, message", [("0", "train.budget_minutes: must be > 0"),
@@ -140,6 +140,7 @@ def test_ema_leaves_the_averaged_weights(records_dir, tmp_path):
 def test_loss_scale_is_read_from_the_loss_scale_optimizer(records_dir):
     config = smoke_config(records_dir)
     scaled = make_optimizer(config.train, 10, "mixed_float16")
-    assert loss_scale(scaled) == pytest.approx(float(scaled.scale_loss(1.0)))
+    scaled.build([keras.Variable(1.0)])
+    assert float(loss_scale(scaled)) == pytest.approx(float(scaled.scale_loss(1.0)))
     assert float(loss_scale(scaled)) > 1
     assert loss_scale(make_optimizer(config.train, 10, "float32")) == 1.0

@@ -1,7 +1,8 @@
 """Training to a time budget (train.budget_minutes): time the first steps and a few validation batches,
 then choose the steps per epoch so that training, validation included, ends within the budget, and
-lay the learning-rate schedule over all of them. The choice is written to the run's config.yaml, so
-a resumed run keeps it."""
+lay the learning-rate schedule over all of them. After each epoch the epochs left are planned again
+from what that epoch took (a machine that gets busier or quieter moves the end less). The choice is
+written to the run's config.yaml, so a resumed run keeps it."""
 
 import math
 import statistics
@@ -80,18 +81,68 @@ def probe(steps, iterator, val_data, validation_batches: int,
 def plan_run(strategy, steps, iterator, val_data, config, started: float) -> tuple[list[float], Plan]:
     """Probe the run's first steps and validation, then plan_steps. Workers agree on the slowest one's
     figures, so that every worker takes the same number of steps (their collectives must match)."""
-    import tensorflow as tf  # the planning above stays importable without TensorFlow
-
     from tfseg.data.pipeline import count_slices
 
     d, t = config.data, config.train
     budget_seconds = 60 * t.budget_minutes
     val_batches = math.ceil(count_slices(d.records, d.val_folds) / d.batch_size) if val_data is not None else 0
     losses, step_seconds, validation_seconds = probe(steps, iterator, val_data, val_batches, budget_seconds)
-    figures = tf.constant([time.perf_counter() - started, step_seconds, validation_seconds], tf.float32)
-    every = strategy.gather(strategy.run(lambda: tf.identity(figures)[None]), axis=0)
-    elapsed, step_seconds, validation_seconds = (float(v) for v in tf.reduce_max(every, axis=0).numpy())
+    elapsed, step_seconds, validation_seconds = agree(
+        strategy, [time.perf_counter() - started, step_seconds, validation_seconds])
     return losses, plan_steps(budget_seconds, elapsed, step_seconds, validation_seconds, t.epochs, len(losses))
+
+
+def keras_value(variable):
+    import keras
+
+    return keras.ops.convert_to_numpy(variable)
+
+
+def agree(strategy, figures: list[float]) -> list[float]:
+    """The largest of each figure over all workers: every worker then plans the same steps (their
+    collectives must match) and the slowest one keeps the budget."""
+    import tensorflow as tf
+
+    values = tf.constant(figures, tf.float32)
+    every = strategy.gather(strategy.run(lambda: tf.identity(values)[None]), axis=0)
+    return [float(v) for v in tf.reduce_max(every, axis=0).numpy()]
+
+
+@dataclass
+class Replanner:
+    """Called after each epoch but the last: the steps each epoch left takes, from the time that epoch's
+    steps and validation took; the schedule is laid again over the run's new end (config.train and
+    the run's config.yaml are updated, so a resume keeps the last plan)."""
+
+    strategy: object
+    config: object  # the run's resolved Config
+    started: float
+    optimizer: object
+    run_dir: object
+    chief: bool
+    log: object
+
+    def __call__(self, epoch: int, step_seconds: float, validation_seconds: float) -> int:
+        from tfseg.config import save_config
+        from tfseg.layout import RunFolder
+        from tfseg.training.optimizer import schedule_of
+
+        t = self.config.train
+        epochs_left = t.epochs - epoch
+        elapsed, step_seconds, validation_seconds = agree(
+            self.strategy, [time.perf_counter() - self.started, step_seconds, validation_seconds])
+        left = SAFETY * (60 * t.budget_minutes - elapsed) - FINAL_SECONDS - epochs_left * validation_seconds
+        per_epoch = max(1, math.floor(left / step_seconds / epochs_left))
+        schedule = schedule_of(self.optimizer)
+        done = int(keras_value(self.optimizer.iterations))
+        schedule.set_steps(done + epochs_left * per_epoch, int(keras_value(schedule.warmup)))
+        if per_epoch != t.steps_per_epoch:
+            self.log(f"time budget: {elapsed / 60:.1f} of {t.budget_minutes:g} min spent, a step took "
+                     f"{step_seconds:.3f} s: the {epochs_left} epoch(s) left take {per_epoch} steps each")
+            t.steps_per_epoch = per_epoch
+            if self.chief:
+                save_config(self.config, RunFolder(self.run_dir).config)
+        return per_epoch
 
 
 def adopt_plan(config, run_dir) -> None:

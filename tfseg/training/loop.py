@@ -15,6 +15,7 @@ from tfseg.config import Config
 from tfseg.layout import RunFolder
 from tfseg.training import strategy as strategy_lib
 from tfseg.training.curves import plot_history
+from tfseg.training.optimizer import schedule_of
 from tfseg.training.run_folder import read_history, save_keras, write_history
 from tfseg.training.steps import Steps
 from tfseg.training.tensorboard import Profiler, log_epoch
@@ -48,15 +49,18 @@ def describe(row: dict) -> str:
 
 def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, steps: Steps, iterator,
         config: Config, val_data, image_data, steps_per_epoch: int, run_dir: Path, write_dir: Path,
-        chief: bool, resume: bool, log: Log, done_losses: list[float] = ()) -> list[dict]:
+        chief: bool, resume: bool, log: Log, done_losses: list[float] = (), replan=None) -> list[dict]:
     """Train config.train.epochs epochs (continuing from the run folder's last checkpoint if resume);
     return the history rows. done_losses: losses of epoch 1's steps already taken (a time budget's
-    timing steps). val_data None: no validation (training on every fold). Every worker must call
+    timing steps). replan(epoch, seconds a step, seconds of validation) -> the steps of the epochs left
+    (a time budget's Replanner). val_data None: no validation (training on every fold). Every worker must call
     this; only the chief writes run_dir. The run's model ends with the last weights (their moving
     average with train.ema): nothing is selected on the validation folds, which evaluate scores."""
     t, run = config.train, RunFolder(run_dir)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    schedule = schedule_of(optimizer)  # its step counts: a time budget may have moved them
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
+                                     schedule_total=schedule.total.value, schedule_warmup=schedule.warmup.value)
     manager = tf.train.CheckpointManager(checkpoint, str(RunFolder(write_dir).checkpoints), max_to_keep=2)
     latest = tf.train.latest_checkpoint(str(run.checkpoints)) if resume else None
     if latest:
@@ -95,6 +99,7 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, step
                 bar.update()
                 bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
             bar.close()
+            taken, trained = steps_per_epoch - (len(done_losses) if epoch == 1 else 0), time.perf_counter() - began
             row = {"epoch": epoch, "loss": total / steps_per_epoch,
                    **(steps.evaluate(val_data) if val_data is not None else {}),
                    "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
@@ -107,6 +112,8 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, step
             epoch_var.assign(epoch)
             manager.save(checkpoint_number=epoch)
             log(f"epoch {epoch}/{t.epochs}: {describe(row)}")
+            if replan and epoch < t.epochs:
+                steps_per_epoch = replan(epoch, trained / max(taken, 1), row["seconds"] - trained)
     except strategy_lib.LOST_WORKER_ERRORS as err:
         lost = strategy_lib.lost_worker(strategy, err)
         if lost is None:

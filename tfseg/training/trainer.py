@@ -112,7 +112,9 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
         history = fit(strategy=strategy, model=model, optimizer=optimizer, steps=steps, iterator=iterator,
                       config=resolved, val_data=val_data, image_data=images, steps_per_epoch=steps_per_epoch,
                       run_dir=run_dir, write_dir=write_dir, chief=chief, resume=resume, log=log,
-                      done_losses=done_losses)
+                      done_losses=done_losses,
+                      replan=budget.Replanner(strategy, resolved, started, optimizer, run_dir, chief, log)
+                      if to_plan else None)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         strategy_lib.remove_write_dir(write_dir, run_dir)
