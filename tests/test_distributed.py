@@ -84,26 +84,11 @@ print("RESULT " + json.dumps(out))
 
 SUMMING = """
 import json
-import keras
-import tensorflow as tf
 from tfseg.training import strategy
+from tfseg.training.steps import replica_sgd_update
 
 strategy.split_cpu(2)
-two = strategy.make_strategy("mirrored", cpu_replicas=2)
-with two.scope():
-    weight = keras.Variable([0.0])
-    sgd = keras.optimizers.SGD(learning_rate=1.0)
-    sgd.build([weight])
-
-@tf.function
-def step():
-    def replica():
-        grad = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group + 1, tf.float32)
-        sgd.apply([tf.reshape(grad, [1])], [weight])
-    two.run(replica)
-
-step()
-print("RESULT " + json.dumps(float(weight.numpy()[0])))
+print("RESULT " + json.dumps(replica_sgd_update(strategy.make_strategy("mirrored", cpu_replicas=2))))
 """
 
 # The two workers train what one process can reproduce: deterministic input pipelines (every seed from

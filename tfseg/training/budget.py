@@ -32,13 +32,18 @@ class Plan:
                 f"({self.epochs * self.steps_per_epoch} steps; {elapsed:.0f} s spent on start-up and timing)")
 
 
+def _time_left(budget_seconds: float, elapsed: float) -> float:
+    """Seconds the plan may fill: SAFETY of what is left, less the final save."""
+    return SAFETY * (budget_seconds - elapsed) - FINAL_SECONDS
+
+
 def plan_steps(budget_seconds: float, elapsed: float, step_seconds: float, validation_seconds: float,
                epochs: int, steps_done: int) -> Plan:
     """Epochs (each ending in a validation: up to `epochs`, fewer when they would take more than
     VALIDATION_SHARE of the time left) and the steps that fill the rest of the budget, given what has
     been spent and the steps already done (they belong to epoch 1). ConfigError when not even one
     epoch of one step and its validation fits."""
-    left = SAFETY * (budget_seconds - elapsed) - FINAL_SECONDS
+    left = _time_left(budget_seconds, elapsed)
     fit = math.floor(VALIDATION_SHARE * left / validation_seconds) if validation_seconds else epochs
     most = max(1, min(epochs, fit))
     for count in range(most, 0, -1):
@@ -92,12 +97,6 @@ def plan_run(strategy, steps, iterator, val_data, config, started: float) -> tup
     return losses, plan_steps(budget_seconds, elapsed, step_seconds, validation_seconds, t.epochs, len(losses))
 
 
-def keras_value(variable):
-    import keras
-
-    return keras.ops.convert_to_numpy(variable)
-
-
 def agree(strategy, figures: list[float]) -> list[float]:
     """The largest of each figure over all workers: every worker then plans the same steps (their
     collectives must match) and the slowest one keeps the budget."""
@@ -131,11 +130,11 @@ class Replanner:
         epochs_left = t.epochs - epoch
         elapsed, step_seconds, validation_seconds = agree(
             self.strategy, [time.perf_counter() - self.started, step_seconds, validation_seconds])
-        left = SAFETY * (60 * t.budget_minutes - elapsed) - FINAL_SECONDS - epochs_left * validation_seconds
+        left = _time_left(60 * t.budget_minutes, elapsed) - epochs_left * validation_seconds
         per_epoch = max(1, math.floor(left / step_seconds / epochs_left))
         schedule = schedule_of(self.optimizer)
-        done = int(keras_value(self.optimizer.iterations))
-        schedule.set_steps(done + epochs_left * per_epoch, int(keras_value(schedule.warmup)))
+        schedule.set_steps(int(self.optimizer.iterations.numpy()) + epochs_left * per_epoch,
+                           int(schedule.warmup.numpy()))
         if per_epoch != t.steps_per_epoch:
             self.log(f"time budget: {elapsed / 60:.1f} of {t.budget_minutes:g} min spent, a step took "
                      f"{step_seconds:.3f} s: the {epochs_left} epoch(s) left take {per_epoch} steps each")

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tfseg import CLASSES
 from tfseg.config import Config
 from tfseg.data.augment import finish_batch
-from tfseg.model.losses import BceDiceLoss, per_example_loss, presence_loss, presence_targets
+from tfseg.model.losses import BceDiceLoss, per_example_loss, presence_loss, presence_targets, probabilities
 from tfseg.model.metrics import DiceMetric, IoUMetric
 from tfseg.model.unet import logits_model, split_outputs
 from tfseg.training.optimizer import loss_scale
@@ -102,8 +102,8 @@ class Steps:
         per_example = self._per_example(y, pred)
         if presence is not None:
             per_example += self.presence_weight * presence_loss(y, presence, self.from_logits)
-            presence = tf.sigmoid(tf.cast(presence, tf.float32)) if self.from_logits else presence
-        pred = tf.sigmoid(tf.cast(pred, tf.float32)) if self.from_logits else pred
+            presence, _ = probabilities(presence, self.from_logits)
+        pred, _ = probabilities(pred, self.from_logits)
         true = tf.cast(y > 0.5, tf.float32)
         hard = tf.cast(pred > self.train_config.threshold, tf.float32)
         sums = [tf.reduce_sum(v, axis=[0, 1, 2]) for v in (true * hard, hard, true)]
@@ -137,18 +137,30 @@ class Steps:
 
 
 
+def replica_sgd_update(strategy: tf.distribute.Strategy) -> float:
+    """How far SGD(1.0) moves a weight (from 0) when replica i applies the gradient i + 1 in one step:
+    -(1 + 2 + ... + N) if Keras' optimizer.apply sums the replicas' gradients."""
+    with strategy.scope():
+        weight = keras.Variable([0.0], name="replica_sum_probe")
+        sgd = keras.optimizers.SGD(learning_rate=1.0)
+        sgd.build([weight])
+
+    def replica():
+        grad = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group + 1, tf.float32)
+        sgd.apply([tf.reshape(grad, [1])], [weight])
+
+    tf.function(lambda: strategy.run(replica))()
+    return float(weight.numpy()[0])
+
+
 def check_optimizer_sums_replicas(strategy: tf.distribute.Strategy) -> None:
     """The replica step all-reduces the gradients itself (to clip the global batch's gradient) and then
     divides by the replica count, because Keras' optimizer.apply sums the replicas' gradients again
     (keras/src/backend/tensorflow/optimizer.py, _all_reduce_sum_gradients). That is Keras' internal
     behaviour, not its API: measure it on a throwaway variable and stop if it has changed."""
-    with strategy.scope():
-        probe = keras.Variable(0.0, name="replica_sum_probe")
-        sgd = keras.optimizers.SGD(1.0)
-        sgd.build([probe])
-    tf.function(lambda: strategy.run(lambda: sgd.apply([tf.ones(())], [probe])))()
-    counted = -float(probe.numpy())
-    if abs(counted - strategy.num_replicas_in_sync) > 1e-6:
-        raise RuntimeError(f"Keras' optimizer.apply counted each replica's gradient {counted:g} times over "
-                           f"{strategy.num_replicas_in_sync} replicas, where tfseg's step expects it to sum them: "
-                           "the installed Keras changed how it reduces gradients (tfseg.training.steps)")
+    replicas = strategy.num_replicas_in_sync
+    moved, summed = replica_sgd_update(strategy), -replicas * (replicas + 1) / 2
+    if abs(moved - summed) > 1e-6:
+        raise RuntimeError(f"Keras' optimizer.apply moved a weight by {moved:g} where the sum of the {replicas} "
+                           f"replicas' gradients is {-summed:g}: the installed Keras changed how it reduces "
+                           "gradients, which tfseg's step relies on (tfseg.training.steps)")
