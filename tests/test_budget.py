@@ -11,6 +11,7 @@ import pytest
 from tfseg import cli, train
 from tfseg.config import load_config
 from tfseg.errors import ConfigError
+from tfseg.evaluation.report import trained_steps
 from tfseg.layout import RunFolder
 from tfseg.model.build import build_model
 from tfseg.training.budget import FINAL_SECONDS, SAFETY, plan_steps
@@ -65,6 +66,9 @@ def test_a_one_minute_budget_ends_in_a_minute(budget_run):
     stored = load_config(RunFolder(run_dir).config).train
     assert stored.steps_per_epoch == t.steps_per_epoch and stored.epochs == t.epochs == len(result.history)
     assert t.steps_per_epoch > 10  # more than the timing steps
+    steps = [int(row["steps"]) for row in result.history]  # each epoch's steps, as re-planned
+    assert steps[-1] == t.steps_per_epoch
+    assert trained_steps(RunFolder(run_dir), t).startswith(f"{t.epochs} epochs, {sum(steps)} steps in ")
     # The cosine schedule is laid over the whole run: it ends at its floor, not cut off part-way.
     assert result.history[-1]["lr"] == pytest.approx(t.learning_rate * t.min_lr_ratio, rel=0.02)
 

@@ -188,6 +188,22 @@ def test_preview_command_writes_png(tiny, tmp_path):
         assert (np.abs(tiles - bgr).sum(axis=-1) < 30).any()
 
 
+def _labels(days: dict[str, int]):
+    """case_day -> slice id -> RLEs, every organ on every slice."""
+    return {cd: {f"{cd}_slice_{i:04d}": ["1 5"] * len(CLASSES) for i in range(n)} for cd, n in days.items()}
+
+
+@pytest.mark.parametrize("days, count, first_cases", [
+    ({"case1_day0": 10, "case1_day1": 10, "case2_day0": 10}, 6, ["case1_day0", "case2_day0", "case1_day1"]),
+    ({"case1_day0": 10}, 6, ["case1_day0"]),  # one volume: six different slices of it
+    ({"case1_day0": 2}, 6, ["case1_day0"]),  # fewer slices than tiles: each slice once
+])
+def test_preview_tiles_are_distinct_slices_of_distinct_cases_first(days, count, first_cases):
+    picks = synth.preview_picks(_labels(days), count)
+    assert len(picks) == min(count, sum(days.values())) and len(set(picks)) == len(picks)
+    assert [case_day for case_day, _ in picks[:len(first_cases)]] == first_cases
+
+
 @pytest.mark.slow
 def test_command_line_makes_dataset_and_preview(tmp_path):
     out = tmp_path / "data"

@@ -45,8 +45,9 @@ def test_run_folder_is_complete(smoke_run, records_dir):
     with open(run_dir / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
-    columns = {"epoch", "loss", "val_loss", "val_dice", "lr", "seconds", *(f"val_dice_{c}" for c in CLASSES)}
+    columns = {"epoch", "steps", "loss", "val_loss", "val_dice", "lr", "seconds", *(f"val_dice_{c}" for c in CLASSES)}
     assert columns <= set(rows[0])
+    assert [int(r["steps"]) for r in rows] == [result.config.train.steps_per_epoch] * epochs
     assert np.allclose([float(r["val_dice"]) for r in rows], [h["val_dice"] for h in result.history], atol=1e-5)
     assert not RunFolder(run_dir).best_weights.exists()  # nothing is selected on the validation folds
     picture = cv2.imread(str(RunFolder(run_dir).curves))

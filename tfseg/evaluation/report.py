@@ -11,6 +11,7 @@ from tfseg import CLASSES, files
 from tfseg.config import load_config
 from tfseg.errors import DataError
 from tfseg.layout import EVAL_PER_VOLUME, EVAL_SCORES_PLOT, EVAL_SUMMARY, RunFolder
+from tfseg.training.run_folder import read_history
 
 
 def format_table(summary: dict) -> str:
@@ -68,6 +69,15 @@ def report_files(out_dir: str | Path) -> list[Path]:
     return [Path(out_dir) / name for name in (EVAL_PER_VOLUME, EVAL_SUMMARY, EVAL_SCORES_PLOT)]
 
 
+def trained_steps(run: RunFolder, train) -> str:
+    """What the run trained, from history.csv: a time budget re-plans each epoch's steps."""
+    rows = read_history(run.path, train.epochs)
+    if rows and all("steps" in row for row in rows):
+        minutes = sum(row["seconds"] for row in rows) / 60
+        return f"{len(rows)} epochs, {int(sum(row['steps'] for row in rows))} steps in {minutes:.1f} min"
+    return f"{train.epochs} epochs of {train.steps_per_epoch} steps"
+
+
 def pipeline_summary(run_dir: str | Path, model=None, submission=None, overlays=None) -> str:
     """The closing summary of a pipeline run: the held-out score, where every output is, how to look."""
     run = RunFolder(run_dir)
@@ -87,7 +97,7 @@ def pipeline_summary(run_dir: str | Path, model=None, submission=None, overlays=
         t = load_config(run.config).train
         trained = (f"a {t.budget_minutes:g}-minute time budget (train.budget_minutes)" if t.budget_minutes
                    else "a fixed number of steps")
-        lines.insert(3, f"after training for {trained}: {t.epochs} epochs of {t.steps_per_epoch} steps")
+        lines.insert(3, f"after training for {trained}: {trained_steps(run, t)}")
     outputs = [("run folder (config, history.csv, checkpoints)", run.path),
                ("training curves (loss, per-class Dice)", run.curves),
                ("evaluation report", run.eval_dir),

@@ -706,6 +706,26 @@ def ensure_dataset(out_dir: str | os.PathLike = layout.SYNTH_DATA_DIR) -> Path:
     return out
 
 
+def preview_picks(labels: dict[str, dict[str, list[str]]], count: int) -> list[tuple[str, str]]:
+    """Up to `count` distinct (case-day, slice id) tiles: case-days of different cases first, then
+    further days, then further slices of those; each tile rotates to the next class, taking the
+    middle one of the unused slices showing it."""
+    by_case: dict[str, list[str]] = {}
+    for case_day in labels:
+        by_case.setdefault(case_day.split("_")[0], []).append(case_day)
+    order = [days[i] for i in range(MAX_DAYS) for days in by_case.values() if i < len(days)]
+    picks: list[tuple[str, str]] = []
+    for i in range(count * len(CLASSES)):  # enough rounds to fill count tiles from few case-days
+        if len(picks) == count or not order:
+            break
+        case_day, wanted = order[i % len(order)], len(picks) % len(CLASSES)
+        free = [sid for sid in labels[case_day] if (case_day, sid) not in picks]
+        showing = [sid for sid in free if labels[case_day][sid][wanted]] or free
+        if showing:
+            picks.append((case_day, showing[len(showing) // 2]))
+    return picks
+
+
 def preview(data_dir: str | os.PathLike, path: str | os.PathLike, count: int = 6) -> Path:
     """Save a grid of slices from different case-days with their mask contours."""
     data_dir = Path(data_dir)
@@ -713,17 +733,8 @@ def preview(data_dir: str | os.PathLike, path: str | os.PathLike, count: int = 6
     for line in (data_dir / "train.csv").read_text().splitlines()[1:]:
         sid, _, rle_text = line.split(",")
         labels.setdefault(sid.rsplit("_slice_", 1)[0], {}).setdefault(sid, []).append(rle_text)
-    # One case-day per case first, then further days, so the tiles show different anatomy.
-    by_case: dict[str, list[str]] = {}
-    for case_day in labels:
-        by_case.setdefault(case_day.split("_")[0], []).append(case_day)
-    order = [days[i] for i in range(MAX_DAYS) for days in by_case.values() if i < len(days)]
-    picks = [order[i % len(order)] for i in range(count)]  # few case-days: several slices each
     images, titles = [], []
-    for i, case_day in enumerate(picks):
-        wanted = i % len(CLASSES)  # rotate through the classes so each one is shown
-        slices = [sid for sid, rles in labels[case_day].items() if rles[wanted]] or list(labels[case_day])
-        sid = slices[len(slices) // 2]
+    for case_day, sid in preview_picks(labels, count):
         case, _ = case_day.split("_")
         scan_dir = data_dir / "train" / case / case_day / "scans"
         scan_path = next(scan_dir.glob(f"slice_{sid.rsplit('_', 1)[1]}_*.png"), None)

@@ -100,7 +100,7 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, step
                 bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
             bar.close()
             taken, trained = steps_per_epoch - (len(done_losses) if epoch == 1 else 0), time.perf_counter() - began
-            row = {"epoch": epoch, "loss": total / steps_per_epoch,
+            row = {"epoch": epoch, "steps": steps_per_epoch, "loss": total / steps_per_epoch,
                    **(steps.evaluate(val_data) if val_data is not None else {}),
                    "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
                    "seconds": time.perf_counter() - began}
