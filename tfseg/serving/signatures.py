@@ -51,19 +51,23 @@ def check_headers(slices, max_image_size: int, where: str) -> list:
     width_height = tf.io.decode_raw(tf.strings.substr(head, 16, 8), tf.int32, little_endian=False)
     width_height = tf.reshape(width_height, tf.concat([tf.shape(slices), [2]], 0))
     flat = tf.reshape(width_height, [-1, 2])
-    return [
-        _check_all(tf.equal(tf.strings.substr(head, 0, 16), PNG_MAGIC + b"\0\0\0\x0dIHDR"),
-                   "a slice is not a PNG file", where),
-        _check_all(tf.equal(tf.strings.substr(head, 24, 1), bytes([BIT_DEPTH])),
-                   "a slice is not a 16-bit PNG (scans are 16-bit greyscale; 8-bit would lose intensities)", where),
-        _check_all(tf.equal(tf.strings.substr(head, 25, 1), b"\x00"),
-                   "a slice is not a greyscale PNG (PNG colour type must be 0)", where),
-        _check_all(tf.reduce_all((width_height > 0) & (width_height <= max_image_size), axis=-1),
-                   f"a slice declares a width or height outside 1..{max_image_size} px (the model's "
-                   "max_image_size, set at export)", where),
-        _check_all(tf.reduce_all(tf.equal(width_height, flat[0]), axis=-1),
-                   "the slices of one request must all have the same width and height", where),
+    tests = [
+        (lambda: tf.equal(tf.strings.substr(head, 0, 16), PNG_MAGIC + b"\0\0\0\x0dIHDR"), "a slice is not a PNG file"),
+        (lambda: tf.equal(tf.strings.substr(head, 24, 1), bytes([BIT_DEPTH])),
+         "a slice is not a 16-bit PNG (scans are 16-bit greyscale; 8-bit would lose intensities)"),
+        (lambda: tf.equal(tf.strings.substr(head, 25, 1), b"\x00"),
+         "a slice is not a greyscale PNG (PNG colour type must be 0)"),
+        (lambda: tf.reduce_all((width_height > 0) & (width_height <= max_image_size), axis=-1),
+         f"a slice declares a width or height outside 1..{max_image_size} px (the model's max_image_size, "
+         "set at export)"),
+        (lambda: tf.reduce_all(tf.equal(width_height, flat[0]), axis=-1),
+         "the slices of one request must all have the same width and height"),
     ]
+    checks = []
+    for test, message in tests:  # one after the other: the error names the first problem
+        with tf.control_dependencies(checks[-1:]):
+            checks.append(_check_all(test(), message, where))
+    return checks
 
 
 def _decode(pngs):
