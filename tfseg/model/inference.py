@@ -1,10 +1,15 @@
-"""What inference runs: the average of one or more models' outputs over the scans and their flips.
+"""What inference runs: the average of one or more models' outputs over the scans and their flips,
+and each member of an export as a function of a whole volume.
 
 Flip test-time augmentation (`hflip`: left-right, `vflip`: up-down) predicts the flipped scans too and
-flips the probabilities back before averaging; an ensemble averages its members the same way. One
-function, so evaluate and the exported SavedModel compute the same average. A flip is only asked of a
-model trained with it (check_tta): the organs lie on fixed sides of the body, so a mirrored abdomen is
-anatomy a model trained without flips never saw.
+flips the probabilities back before averaging; an ensemble averages its members the same way, with
+their weights. One function, so evaluate and the exported SavedModel compute the same average. A flip
+is only asked of a model trained with it (check_tta): the organs lie on fixed sides of the body, so a
+mirrored abdomen is anatomy a model trained without flips never saw.
+
+An export's volume signatures see every member as one function, volume -> probabilities at its model
+size (member_probabilities): a 2.5D model builds its K-slice contexts from the volume; another
+model.kind plugs in there with its own branch (a 3D model: its sliding window).
 """
 
 import dataclasses
