@@ -37,7 +37,11 @@ BENCHES = {
               {*(f"{kind}_{what}_{size}" for kind in ("png", "float", "keras")
                  for what in ("latency_ms", "slices_per_s") for size in ("b1", "b8", "b32", "volume")),
                "png_over_float_latency_b1", "png_over_float_latency_volume", "rest_masks_png_volume_kb",
-               "rest_serving_default_slice_kb"}),
+               "rest_serving_default_slice_kb",
+               *(f"{name}_{what}_volume" for name in ("serving_volume", "masks_png", "masks_png_one_by_one")
+                 for what in ("latency_ms", "slices_per_s")),
+               "masks_png_over_serving_volume_latency", "one_by_one_over_serving_volume_latency",
+               "serving_volume_request_mb", "masks_png_request_mb_volume"}),
 }
 
 

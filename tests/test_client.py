@@ -88,17 +88,24 @@ def test_grpc_and_rest_write_the_served_masks(server, saved_model, scan_dir, tmp
     assert client.main(["grpc", "--url", server["grpc"], "--out", str(tmp_path / "grpc"), str(scan_dir)]) == 0
     assert client.main(["rest", "--url", server["rest"], "--out", str(tmp_path / "rest"),
                         *map(str, files)]) == 0
+    assert client.main(["rest", "--url", server["rest"], "--out", str(tmp_path / "rows"), "--batch-size", "2",
+                        str(scan_dir)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(" -> ") == 2 * len(files)
-    # what the SavedModel itself answers for the same request
-    rows = context_rows([p.read_bytes() for p in files], (-2, 0, 2))
-    expected = tf.saved_model.load(str(saved_model)).signatures["serving_default"](slices=tf.constant(rows))
-    expected = expected["masks"].numpy()
-    assert expected.sum() > 0
-    for path, mask in zip(files, expected, strict=True):
+    assert printed.count(" -> ") == 3 * len(files)
+    # what the SavedModel itself answers: the slices sent as one volume (the default), or as context
+    # rows two at a time (--batch-size 2, each request normalised over its own slices)
+    signatures = tf.saved_model.load(str(saved_model)).signatures
+    pngs = [p.read_bytes() for p in files]
+    expected = signatures["serving_volume"](slices=tf.constant(pngs))["masks_png"].numpy()
+    rows = context_rows(pngs, (-2, 0, 2))
+    in_pairs = np.concatenate([signatures["serving_default"](slices=tf.constant(rows[i:i + 2]))["masks"].numpy()
+                               for i in range(0, len(rows), 2)])
+    assert in_pairs.sum() > 0
+    for path, answer, pair_mask in zip(files, expected, in_pairs, strict=True):
         name = f"{path.stem}_mask.png"
-        np.testing.assert_array_equal(read_mask(tmp_path / "grpc" / name), mask)
+        np.testing.assert_array_equal(read_mask(tmp_path / "grpc" / name), png_mask(answer))
         assert (tmp_path / "rest" / name).read_bytes() == (tmp_path / "grpc" / name).read_bytes()
+        np.testing.assert_array_equal(read_mask(tmp_path / "rows" / name), pair_mask)
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:

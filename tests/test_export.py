@@ -87,15 +87,20 @@ def test_layout_warmup_and_info(saved_model):
 
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
             tf.data.TFRecordDataset(str(saved_model / "assets.extra" / layout.WARMUP_FILE))]
-    assert len(logs) == 1
-    request = logs[0].predict_log.request
-    assert request.model_spec.signature_name == "serving_default"
-    slices = tf.make_ndarray(request.inputs["slices"])
+    assert len(logs) == 2
+    requests = {log.predict_log.request.model_spec.signature_name: log.predict_log.request for log in logs}
+    assert sorted(requests) == ["serving_default", "serving_volume"]
+    slices = tf.make_ndarray(requests["serving_default"].inputs["slices"])
     assert slices.shape == (1, K)
-    for item in slices.ravel():  # real 16-bit scans from the validation records
+    volume = tf.make_ndarray(requests["serving_volume"].inputs["slices"])
+    assert volume.shape == (8,)  # the middle of a 24-slice validation volume, in order
+    for item in [*slices.ravel(), *volume]:  # real 16-bit scans from the validation records
         assert cv2.imdecode(np.frombuffer(item, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     info = layout.read_info(saved_model)
     assert info["classes"] == list(CLASSES) and info["offsets"] == [-2, 0, 2]
+    assert info["max_image_size"] == 2048 and info["bit_depth"] == 16
+    assert {"serving_volume", "volume_probabilities"} <= set(info["signatures"])
+    assert [m["weight"] for m in info["members"]] == [1.0]
     assert info["input_size"] == [64, 64] and info["threshold"] == 0.5
     assert info["config"]["model"]["base_filters"] == 8
     assert info["min_component_fraction"] == info["config"]["train"]["min_component_fraction"]  # predict's 3D step

@@ -3,11 +3,13 @@
     python -m tfseg.client grpc --url 127.0.0.1:8500 --out masks/ data/test/case1/case1_day2/scans
     python -m tfseg.client rest --url 127.0.0.1:8501 --out masks/ slice_0040.png slice_0041.png ...
 
-The SCANs are slices of one volume in slice order (a folder stands for its *.png files, sorted). Each
-slice gets its K-slice context from --offsets (the model's data.offsets; clamped at the ends) and one
-mask PNG: SCAN stem + "_mask.png", RGB with red = large bowel, green = small bowel, blue = stomach.
-The model normalises intensities over each request, so by default one request carries all the
-given slices (a whole volume gives exactly the training normalisation); --batch-size N splits them.
+The SCANs are slices of one volume in slice order (a folder stands for its *.png files, sorted); each
+gets one mask PNG: SCAN stem + "_mask.png", RGB with red = large bowel, green = small bowel, blue =
+stomach. By default one serving_volume request carries all the given slices, each once: the model
+builds the K-slice contexts (clamped at the ends of what was sent) and normalises intensities over
+them, so a whole volume gets exactly training's numbers. --batch-size N sends N slices per request to
+the per-slice signature instead, each with its context from --offsets (the model's data.offsets),
+normalised over that request's slices only (the masks can then differ a little from training's).
 """
 
 import argparse
@@ -28,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
                                       "127.0.0.1:8500 for grpc)")
     parser.add_argument("--model-name", default="tfseg", help="MODEL_NAME the server serves (default: %(default)s)")
     parser.add_argument("--offsets", default="-2,0,2",
-                        help="context offsets of the model, its data.offsets; write --offsets=-1,1 when the first "
-                             "is negative (default: %(default)s)")
+                        help="with --batch-size: context offsets of the model, its data.offsets; write "
+                             "--offsets=-1,1 when the first is negative (default: %(default)s)")
     parser.add_argument("--out", default="masks", help="folder for the mask PNGs (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=0,
-                        help="slices per request; 0 (default) sends them all in one request")
+                        help="slices per request to the per-slice signature; 0 (default) sends them all in one "
+                             "serving_volume request")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait per request (default: 300)")
     args = parser.parse_args(argv)
     try:

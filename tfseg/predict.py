@@ -1,13 +1,14 @@
 """Masks for new scans: run an exported SavedModel over a Kaggle-layout folder and write a submission.
 
 `python -m tfseg.predict --model saved_models/NAME/1 --data-dir DIR` loads the SavedModel (no Keras
-model, no run folder), sends each volume's scans to its serving_default signature as the PNG files'
-own bytes, K-slice contexts built from the model's offsets, and writes submission.csv
+model, no run folder), sends each volume's scans to its volume_probabilities signature as the PNG files'
+own bytes (the model builds the K-slice contexts), cleans the masks and writes submission.csv
 (id,class,predicted; three rows per slice in tfseg.CLASSES order; RLE at the scan's resolution).
 
 Normalisation happens over each request, so by default a request is a whole volume: exactly what
-training and evaluate see. --batch-size N sends N slices per request instead (normalised over those
-slices only: a little different from training, in exchange for smaller requests).
+training and evaluate see. --batch-size N sends N context rows per request to serving_default instead
+(normalised over those rows' slices only: on the hard synthetic data 0.007 % of the mask pixels
+differ, mask Dice 0.99 against the whole volume's, in exchange for smaller requests).
 """
 
 import argparse
@@ -29,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", metavar="DIR",
                         help="also write one PNG per volume with contours of a few slices showing each organ")
     parser.add_argument("--batch-size", type=int, default=0,
-                        help="slices per request; 0 (default) sends whole volumes, normalised exactly as in "
-                             "training")
+                        help="slices per request to serving_default; 0 (default) sends whole volumes to the volume "
+                             "signature, normalised exactly as in training")
     parser.add_argument("--case-days", help="only these volumes, comma-separated (e.g. case1_day2,case7_day0)")
     parser.add_argument("--folds", type=int, nargs="+",
                         help="only the cases of these record folds (held-out volumes; folds from the records "

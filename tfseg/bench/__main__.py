@@ -13,7 +13,8 @@ BENCHMARKS = {
     "data": "input pipeline images/s and CPU ms per image on 1 and 2 cores: decode only, host, cached, "
             "augmentation on the device, a notebook loader; per-stage CPU ms",
     "train": "training images/s of every precision x XLA combination; real pipeline vs cached batches",
-    "serve": "SavedModel latency and throughput: PNG signature, float signature, Keras model",
+    "serve": "SavedModel latency and throughput: PNG signature, float signature, Keras model; a whole volume "
+             "through serving_volume against the per-slice signature",
 }
 
 

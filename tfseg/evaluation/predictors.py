@@ -11,8 +11,10 @@ from tfseg.config import Config
 from tfseg.data.pipeline import eval_dataset
 from tfseg.data.preprocess import restore_size
 from tfseg.errors import DataError
-from tfseg.layout import PREDICT_FLOAT
+from tfseg.layout import PREDICT_FLOAT, VOLUME_PROBABILITIES
 from tfseg.model.inference import averaged
+from tfseg.records.features import parse_volume
+from tfseg.records.reader import shard_files
 
 # scans [B, h, w, K] -> probabilities [B, h, w, 3], or (probabilities, presence [B, 3] or None)
 Predictor = Callable[[tf.Tensor], np.ndarray | tuple[np.ndarray, np.ndarray | None]]
@@ -49,6 +51,19 @@ def saved_model_predictor(path: str | Path) -> Predictor:
         return out["probabilities"].numpy(), out["presence"].numpy() if "presence" in out else None
 
     return predict
+
+
+def saved_model_volumes(path: str | Path, records_dir: str | Path, folds
+                        ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(case_day, probabilities float32 [D, H, W, 3] at the original size, presence [D, 3] or None) per
+    volume of the records' folds, in record order, from the SavedModel's volume_probabilities signature
+    fed the records' own PNGs: what a client sending whole volumes gets, members fused as exported."""
+    signature = load_signature(path, VOLUME_PROBABILITIES)
+    for serialized in tf.data.TFRecordDataset(shard_files(records_dir, folds)):
+        volume = parse_volume(serialized)
+        out = signature(slices=volume["image_png"])
+        yield (volume["case_day"].numpy().decode(), out["probabilities"].numpy(),
+               out["presence"].numpy() if "presence" in out else None)
 
 
 def predict_volumes(config: Config, folds, predict: Predictor, batch_size: int = 16

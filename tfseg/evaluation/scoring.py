@@ -6,17 +6,25 @@ the score of an all-empty prediction is reported beside it: what a model that fi
 """
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
+from tfseg import CLASSES
 from tfseg.config import Config, load_config
 from tfseg.errors import ConfigError, DataError
 from tfseg.evaluation import metric
 from tfseg.evaluation.postprocess import Postprocess
-from tfseg.evaluation.predictors import Predictor, keras_predictor, predict_volumes, saved_model_predictor
+from tfseg.evaluation.predictors import (
+    Predictor,
+    keras_predictor,
+    predict_volumes,
+    saved_model_predictor,
+    saved_model_volumes,
+)
 from tfseg.evaluation.report import write_report
-from tfseg.layout import RunFolder, read_info, read_manifest
+from tfseg.layout import VOLUME_SIGNATURE, RunFolder, read_info, read_manifest
 from tfseg.model.inference import check_tta, parse_tta
 from tfseg.records.reader import read_volumes
 from tfseg.training.run_folder import load_run_model
@@ -30,12 +38,13 @@ def count_volumes(records_dir, folds) -> int | None:
         return None
 
 
-def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16, post: Postprocess | None = None,
-             limit: int | None = None, empty_dice: str = "skip", hausdorff: str = "joined",
-             progress: bool = True) -> tuple[list[dict], dict]:
-    """Score every volume of `folds` (the first `limit` only, if given), post-processed by `post`
-    (default: config.train's settings): (per-volume rows, summary with num_volumes, the leaderboard
-    score, the organ3d_* metric and empty_score; see metric.Scores)."""
+def evaluate(config: Config, folds, predict: Predictor | None, *, volumes: Iterator | None = None,
+             batch_size: int = 16, post: Postprocess | None = None, limit: int | None = None,
+             empty_dice: str = "skip", hausdorff: str = "joined", progress: bool = True) -> tuple[list[dict], dict]:
+    """Score every volume of `folds` (the first `limit` only, if given) predicted by `predict` over the
+    evaluation pipeline, or given by `volumes` ((case_day, probabilities, presence) in record order),
+    post-processed by `post` (default: config.train's settings): (per-volume rows, summary with
+    num_volumes, the leaderboard score, the organ3d_* metric and empty_score; see metric.Scores)."""
     post = post or Postprocess.from_config(config.train)
     truths = read_volumes(config.data.records, folds)  # the same records, in the same order
     scores, rows = metric.Scores(empty_dice=empty_dice, hausdorff=hausdorff), []
@@ -46,7 +55,9 @@ def evaluate(config: Config, folds, predict: Predictor, *, batch_size: int = 16,
     if limit is not None:
         total = limit if total is None else min(total, limit)
     bar = tqdm(total=total, unit="volume", desc="evaluate", disable=not progress)
-    for case_day, probabilities, presence in predict_volumes(config, folds, predict, batch_size):
+    if volumes is None:
+        volumes = predict_volumes(config, folds, predict, batch_size)
+    for case_day, probabilities, presence in volumes:
         truth = next(truths)
         if truth["case_day"] != case_day:
             raise DataError(f"{config.data.records}: evaluation stream and records disagree "
@@ -82,23 +93,30 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
     write the report to `out` (default RUN/eval); return (summary, report folder)."""
     config = load_config(RunFolder(run_dir).config)
     folds = folds if folds is not None else config.data.val_folds
+    volumes = None
     if model:
         info = read_info(model)
-        for key, value in (("offsets", list(config.data.offsets)), ("input_size", list(config.data.image_size))):
-            if info[key] != value:
-                raise ConfigError(f"{model}: {key} {info[key]} differs from the run's {value}: "
-                                  "is it an export of this run?")
+        if list(info["classes"]) != list(CLASSES):
+            raise ConfigError(f"{model}: classes {info['classes']} differ from tfseg's {list(CLASSES)}")
         if tta:
             raise ConfigError(f"{model}: a SavedModel keeps the TTA it was exported with ({info.get('tta') or 'none'});"
                               " drop --tta, or export again with it")
-        predict, source = saved_model_predictor(model), Path(model)
-        tta = info.get("tta", [])
+        if VOLUME_SIGNATURE in info.get("signatures", {}):
+            # whole volumes through the volume signature: any fusion, scored as a client gets it
+            predict, volumes = None, saved_model_volumes(model, config.data.records, folds)
+        else:  # an export older than the volume signature: its predict_float, fed this run's input
+            for key, value in (("offsets", list(config.data.offsets)), ("input_size", list(config.data.image_size))):
+                if info[key] != value:
+                    raise ConfigError(f"{model}: {key} {info[key]} differs from the run's {value}: "
+                                      "is it an export of this run?")
+            predict = saved_model_predictor(model)
+        source, tta = Path(model), info.get("tta", [])
     else:
         check_tta(tta, [(str(run_dir), config)], allow_untrained=allow_untrained_tta)
         config, keras_model, source = load_run_model(run_dir)
         predict = keras_predictor(keras_model, tta)
     post = Postprocess.from_config(config.train, **(post_overrides or {}))
-    rows, summary = evaluate(config, folds, predict, batch_size=batch_size, post=post, limit=limit,
+    rows, summary = evaluate(config, folds, predict, volumes=volumes, batch_size=batch_size, post=post, limit=limit,
                              empty_dice=empty_dice, hausdorff=hausdorff, progress=progress)
     summary |= {"model": str(source), "tta": list(parse_tta(tta))}
     out = Path(out) if out else RunFolder(run_dir).eval_dir

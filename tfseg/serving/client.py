@@ -12,7 +12,7 @@ import numpy as np
 from tfseg import files
 from tfseg.data.context import context_rows
 from tfseg.kaggle.scans import encode_png
-from tfseg.layout import MASKS_PNG, SIGNATURE
+from tfseg.layout import MASKS_PNG, SIGNATURE, VOLUME_SIGNATURE
 from tfseg.serving.api import GRPC_OPTIONS
 
 
@@ -36,16 +36,22 @@ def scan_files(paths: list[str]) -> list[Path]:
     return out
 
 
-def predict_rest(url: str, model_name: str, rows: list[list[bytes]], timeout: float,
-                 signature: str = MASKS_PNG) -> np.ndarray:
+PNG_ANSWERS = (MASKS_PNG, VOLUME_SIGNATURE)  # signatures answering one mask PNG per slice
+
+
+def _b64(item):
+    return [_b64(i) for i in item] if isinstance(item, list) else {"b64": base64.b64encode(item).decode()}
+
+
+def predict_rest(url: str, model_name: str, slices: list, timeout: float, signature: str = MASKS_PNG) -> np.ndarray:
     """POST /v1/models/NAME:predict in the row ("instances") format; returns masks uint8 [N, H, W, 3].
 
-    By default it asks the masks_png signature (a PNG per slice: REST has no output filter, and
-    serving_default's answer carries every probability as a JSON number); serving_default works too.
+    `slices`: K-slice context rows for masks_png (the default: a PNG per slice, as REST has no output
+    filter and serving_default's answer carries every probability as a JSON number) or serving_default;
+    one volume's PNGs in slice order for serving_volume.
     """
     base = url if url.startswith(("http://", "https://")) else f"http://{url}"
-    body = {"signature_name": signature,
-            "instances": [{"slices": [{"b64": base64.b64encode(png).decode()} for png in row]} for row in rows]}
+    body = {"signature_name": signature, "instances": [{"slices": _b64(item)} for item in slices]}
     request = urllib.request.Request(f"{base.rstrip('/')}/v1/models/{model_name}:predict",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -60,7 +66,7 @@ def predict_rest(url: str, model_name: str, rows: list[list[bytes]], timeout: fl
         raise ServingError(f"{base} answered HTTP {err.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as err:
         raise ServingError(f"{base}: cannot reach the REST API ({getattr(err, 'reason', err)})") from None
-    if signature == MASKS_PNG:
+    if signature in PNG_ANSWERS:
         return np.stack([png_mask(base64.b64decode(p["b64"])) for p in answer["predictions"]])
     return np.asarray([p["masks"] for p in answer["predictions"]], np.uint8)
 
@@ -73,21 +79,24 @@ def png_mask(png: bytes) -> np.ndarray:
     return (image[..., ::-1] > 127).astype(np.uint8)  # cv2 decodes BGR
 
 
-def predict_grpc(url: str, model_name: str, rows: list[list[bytes]], timeout: float) -> np.ndarray:
-    """PredictionService.Predict asking only for the `masks` output; returns masks uint8 [N, H, W, 3]."""
+def predict_grpc(url: str, model_name: str, slices: list, timeout: float, signature: str = SIGNATURE) -> np.ndarray:
+    """PredictionService.Predict; returns masks uint8 [N, H, W, 3]. serving_default (context rows) is
+    asked only for its `masks` output; serving_volume (one volume's PNGs) answers mask PNGs."""
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
-    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE),
-                                         output_filter=["masks"])
-    request.inputs["slices"].CopyFrom(tf.make_tensor_proto(rows, dtype=tf.string))
+    output = "masks_png" if signature in PNG_ANSWERS else "masks"
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature),
+                                         output_filter=[output])
+    request.inputs["slices"].CopyFrom(tf.make_tensor_proto(slices, dtype=tf.string))
     with grpc.insecure_channel(url, options=GRPC_OPTIONS) as channel:
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=timeout)
         except grpc.RpcError as err:
             raise ServingError(f"{url} answered {err.code().name}: {err.details()}") from None
-    return tf.make_ndarray(response.outputs["masks"]).astype(np.uint8)
+    answer = tf.make_ndarray(response.outputs[output])
+    return np.stack([png_mask(p) for p in answer]) if output == "masks_png" else answer.astype(np.uint8)
 
 
 def mask_image(mask: np.ndarray) -> np.ndarray:
@@ -97,13 +106,18 @@ def mask_image(mask: np.ndarray) -> np.ndarray:
 
 def segment(protocol: str, url: str, scans: list[str], offsets, out: str | Path, *, model_name: str = "tfseg",
             batch_size: int = 0, timeout: float = 300) -> list[tuple[Path, Path, np.ndarray]]:
-    """Send the scans (one volume, slice order) with their contexts; write one mask PNG per scan.
-    Returns (scan, mask file, mask) per scan."""
+    """Send the scans (one volume, slice order); write one mask PNG per scan. batch_size 0: all in one
+    serving_volume request (the model builds the contexts); N > 0: requests of N context rows (from
+    `offsets`) to the per-slice signature. Returns (scan, mask file, mask) per scan."""
     paths = scan_files(scans)
-    rows = context_rows([p.read_bytes() for p in paths], offsets)
+    pngs = [p.read_bytes() for p in paths]
     send = predict_rest if protocol == "rest" else predict_grpc
-    step = batch_size if batch_size > 0 else len(rows)
-    masks = np.concatenate([send(url, model_name, rows[i:i + step], timeout) for i in range(0, len(rows), step)])
+    if batch_size <= 0:
+        masks = send(url, model_name, pngs, timeout, signature=VOLUME_SIGNATURE)
+    else:
+        rows = context_rows(pngs, offsets)
+        masks = np.concatenate([send(url, model_name, rows[i:i + batch_size], timeout)
+                                for i in range(0, len(rows), batch_size)])
     written = []
     for path, mask in zip(paths, masks, strict=True):
         target = Path(out) / f"{path.stem}_mask.png"

@@ -16,9 +16,10 @@ MODELS_CONFIG_FILE = "models.config"
 BATCHING = """\
 # TF Serving request batching for this tfseg model:
 #   tensorflow_model_server --enable_batching --batching_parameters_file=THIS_FILE ...
-# Batching merges concurrent requests to one signature along their first axis. serving_default and
-# masks_png normalise intensities over every slice of one run, so merged requests of different volumes
-# would be normalised together: turn batching on for servers whose clients send predict_float requests
+# Batching merges concurrent requests to one signature along their first axis. The PNG signatures
+# (serving_default, masks_png, serving_volume, volume_probabilities) normalise intensities over every
+# slice of one run, and the volume ones build contexts across it, so merged requests of different
+# volumes would be mixed: turn batching on for servers whose clients send predict_float requests
 # (normalised scans), and serve PNG clients from a server started without --enable_batching.
 max_batch_size { value: 32 }
 batch_timeout_micros { value: 2000 }

@@ -1,6 +1,6 @@
 """Predict over a Kaggle-layout folder with an exported SavedModel (`python -m tfseg.predict`): whole
-volumes sent as the PNG files' own bytes with K-slice contexts, cleaned masks, a submission table,
-scores when the folder has labels, and overlay pictures."""
+volumes sent as the PNG files' own bytes to the volume signature (or as K-slice context rows), cleaned
+masks, a submission table, scores when the folder has labels, and overlay pictures."""
 
 from pathlib import Path
 
@@ -15,36 +15,47 @@ from tfseg.draw import draw_contours, pick_slices, save_grid
 from tfseg.errors import DataError
 from tfseg.evaluation.metric import Scores
 from tfseg.evaluation.postprocess import Postprocess
-from tfseg.evaluation.predictors import load_signature
 from tfseg.kaggle import rle
 from tfseg.kaggle.index import read_index
 from tfseg.kaggle.scans import read_scan
-from tfseg.layout import SIGNATURE, read_info
+from tfseg.layout import SIGNATURE, VOLUME_PROBABILITIES, read_info
 from tfseg.serving.api import reason
 
 
-def load_model(path: str | Path):
-    """(serving_default signature, tfseg.json info) of an exported SavedModel."""
+class Served:
+    """The signatures predict calls, keeping the loaded SavedModel alive: `volume` (volume_probabilities,
+    None in exports older than it) for whole volumes, `rows` (serving_default) for K-slice context rows."""
+
+    def __init__(self, path: str | Path):
+        self.loaded = tf.saved_model.load(str(path))
+        self.rows = self.loaded.signatures[SIGNATURE]
+        self.volume = self.loaded.signatures.get(VOLUME_PROBABILITIES)
+
+
+def load_model(path: str | Path) -> tuple[Served, dict]:
+    """(the SavedModel's signatures, tfseg.json info) of an exported SavedModel."""
     info = read_info(path)
     if list(info["classes"]) != list(CLASSES):
         raise DataError(f"{path}: model classes {info['classes']} differ from tfseg's {list(CLASSES)}")
-    signature = load_signature(path, SIGNATURE)
-    return lambda slices: signature(slices=slices), info
+    return Served(path), info
 
 
-def predict_volume(serve, pngs: list[bytes], offsets, batch_size: int = 0, *, post: Postprocess | None = None,
+def predict_volume(serve: Served, pngs: list[bytes], offsets, batch_size: int = 0, *, post: Postprocess | None = None,
                    name: str = "volume") -> np.ndarray:
-    """Masks uint8 [D, H, W, 3] for one volume's scans (PNG bytes in slice order), cleaned by `post`."""
-    rows = context_rows(pngs, offsets)
-    step = batch_size if batch_size > 0 else len(rows)
-    masks = []
-    for start in range(0, len(rows), step):
-        try:
-            out = serve(tf.constant(rows[start:start + step], tf.string))
-        except tf.errors.InvalidArgumentError as err:
-            raise DataError(f"{name}: the model rejected the scans: {reason(err.message)}") from None
-        masks.append(out["masks"].numpy())
-    return (post or Postprocess()).clean(np.concatenate(masks))
+    """Masks uint8 [D, H, W, 3] for one volume's scans (PNG bytes in slice order), cleaned by `post`.
+    batch_size 0: the whole volume in one volume_probabilities call (normalised as in training); N > 0:
+    serving_default requests of N context rows, each normalised over its own slices."""
+    try:
+        if batch_size <= 0 and serve.volume is not None:
+            masks = serve.volume(slices=tf.constant(pngs, tf.string))["masks"].numpy()
+        else:
+            rows = context_rows(pngs, offsets)
+            step = batch_size if batch_size > 0 else len(rows)
+            masks = np.concatenate([serve.rows(slices=tf.constant(rows[start:start + step], tf.string))["masks"].numpy()
+                                    for start in range(0, len(rows), step)])
+    except tf.errors.InvalidArgumentError as err:
+        raise DataError(f"{name}: the model rejected the scans: {reason(err.message)}") from None
+    return (post or Postprocess()).clean(masks)
 
 
 def select(table: pd.DataFrame, case_days=None, folds=None, fold_cases: dict | None = None) -> pd.DataFrame:

@@ -12,12 +12,12 @@ from tfseg import CLASSES, __version__, files, layout
 from tfseg.config import Config, load_config, to_dict
 from tfseg.errors import DataError
 from tfseg.evaluation.postprocess import Postprocess
-from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
-from tfseg.model.inference import check_tta, parse_tta, trained_flips
+from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE, VOLUME_PROBABILITIES, VOLUME_SIGNATURE
+from tfseg.model.inference import Member, check_kind, check_tta, member_weights, model_kind, parse_tta, trained_flips
 from tfseg.records.reader import fold_cases
 from tfseg.serving.kit import write_kit
-from tfseg.serving.signatures import serving_functions
-from tfseg.serving.warmup import sample_context, warmup_record
+from tfseg.serving.signatures import BIT_DEPTH, MAX_IMAGE_SIZE, serving_functions
+from tfseg.serving.warmup import sample_requests, warmup_record
 from tfseg.training.run_folder import load_run_model
 
 
@@ -29,7 +29,8 @@ def _fold_cases(config: Config) -> dict[str, list[int]] | None:
         return None
 
 
-# What every member of an ensemble must share: the serving graph prepares one input for all of them.
+# What every member of an ensemble must share: the per-slice signatures prepare one input for all of
+# them (the volume signatures would not need it; a 3D member will, with only the per-slice ones).
 SHARED_SETTINGS = {"data.offsets": lambda c: list(c.data.offsets),
                    "data.image_size": lambda c: list(c.data.image_size),
                    "data.clip_percentiles": lambda c: list(c.data.clip_percentiles),
@@ -37,43 +38,70 @@ SHARED_SETTINGS = {"data.offsets": lambda c: list(c.data.offsets),
                    "data.interpolation": lambda c: c.data.interpolation}
 
 
-def export_info(config: Config, sources: list[Path | None], chunk: int, tta=(),
-                configs: list[Config] | None = None) -> dict:
+def output_classes(model: keras.Model) -> int:
+    """How many classes a model's probabilities have (the last axis of its probabilities output)."""
+    output = model.output["probabilities"] if isinstance(model.output, dict) else model.output
+    return int(output.shape[-1])
+
+
+def export_info(members: list[Member], post: Postprocess, chunk: int, tta=(), sources=None,
+                max_image_size: int = MAX_IMAGE_SIZE) -> dict:
+    config = members[0].config
     d = config.data
-    members = [{**({"path": str(s), "sha256": files.sha256(s)} if s else {}), "trained_flips": trained_flips(c)}
-               for s, c in zip(sources, configs or [config] * len(sources), strict=True)]
+    sources = sources or [None] * len(members)
+    total = sum(m.weight for m in members)
+    listed = [{**({"path": str(s), "sha256": files.sha256(s)} if s else {}), "trained_flips": trained_flips(m.config),
+               "weight": m.weight / total, "kind": model_kind(m.config), "input_size": list(m.config.data.image_size),
+               "offsets": list(m.config.data.offsets)} for m, s in zip(members, sources, strict=True)]
     return {
         "tfseg_version": __version__,
         "classes": list(CLASSES),
         "offsets": list(d.offsets),
-        **Postprocess.from_config(config.train).to_info(),
+        **post.to_info(),
         "input_size": list(d.image_size),
         "clip_percentiles": list(d.clip_percentiles),
         "resize": d.resize,
         "chunk": chunk,
         "tta": list(tta),
-        "source": members[0] if len(members) == 1 and sources[0] else None,
-        "members": members,
+        "bit_depth": BIT_DEPTH,
+        "max_image_size": max_image_size,
+        "source": listed[0] if len(listed) == 1 and sources[0] else None,
+        "members": listed,
         "signatures": {
             SIGNATURE: "slices string [N, K] 16-bit PNGs -> probabilities float32 [N, H, W, 3], "
-                       "masks uint8 [N, H, W, 3] (and presence float32 [N, 3] with a presence head)",
+                       "masks uint8 [N, H, W, 3] (and presence float32 [N, 3] with a presence head); "
+                       "normalised over the request's distinct slices",
             PREDICT_FLOAT: "scans float32 [N, h, w, K] normalised -> probabilities float32 [N, h, w, 3]",
             MASKS_PNG: "slices as serving_default -> masks_png string [N]: per slice an RGB PNG, 255 where "
                        "large bowel (R), small bowel (G), stomach (B)",
+            VOLUME_SIGNATURE: "slices string [D]: every 16-bit PNG of one volume once, in slice order -> "
+                              "masks_png string [D] as masks_png; normalised over the volume, context built "
+                              "in the graph",
+            VOLUME_PROBABILITIES: "slices as serving_volume -> probabilities float32 [D, H, W, 3], masks uint8 "
+                                  "[D, H, W, 3] (and presence float32 [D, 3] with presence heads)",
         },
         "config": to_dict(config),
         "fold_cases": _fold_cases(config),
     }
 
 
-def check_members(configs: list[Config], names: list[str]) -> None:
-    """DataError naming the member and the setting when an ensemble's members cannot share one input."""
+def check_members(members: list[Member]) -> None:
+    """DataError naming the member and the setting when an ensemble's members cannot be fused: another
+    model.kind than this export serves, other classes, or another input (SHARED_SETTINGS)."""
+    first = members[0]
+    for member in members:
+        check_kind(member.config, member.name)
+        classes = output_classes(member.model)
+        if classes != len(CLASSES):
+            raise DataError(f"{member.name}: its model outputs {classes} classes, but tfseg's classes are "
+                            f"{len(CLASSES)} ({', '.join(CLASSES)}); it cannot be fused with "
+                            f"{'the other members' if len(members) > 1 else 'tfseg'}")
     for key, value in SHARED_SETTINGS.items():
-        first = value(configs[0])
-        for config, name in zip(configs[1:], names[1:], strict=True):
-            if value(config) != first:
-                raise DataError(f"{name}: {key} is {value(config)} but {names[0]} has {first}; the members of "
-                                "an ensemble must share their input (offsets, size, normalisation)")
+        for member in members[1:]:
+            if value(member.config) != value(first.config):
+                raise DataError(f"{member.name}: {key} is {value(member.config)} but {first.name} has "
+                                f"{value(first.config)}; the members of an ensemble must share their input "
+                                "(offsets, size, normalisation): the per-slice signatures give them one input")
 
 
 def _check_target(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -88,64 +116,80 @@ def _check_target(out: str | os.PathLike, overwrite: bool) -> Path:
 
 def write_saved_model(models, config: Config, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16,
                       sources: list[Path | None] | None = None, tta=(), configs: list[Config] | None = None,
-                      allow_untrained_tta: bool = False, verbose: bool = True) -> Path:
+                      weights=None, allow_untrained_tta: bool = False, max_image_size: int = MAX_IMAGE_SIZE,
+                      verbose: bool = True) -> Path:
     """Write `models` (one float32 Keras model, or an ensemble's members) as the SavedModel version
-    folder `out`, atomically; returns `out`. config gives the input and the post-processing; configs,
-    each member's (default: config for all), the flips each was trained with (check_tta)."""
+    folder `out`, atomically; returns `out`. config gives the post-processing; configs, each member's
+    input and the flips it was trained with (check_tta; default: config for all); weights, each member's
+    share of the fused probabilities (default: equal)."""
     models = list(models) if isinstance(models, list | tuple) else [models]
     sources = sources or [None] * len(models)
     configs = configs or [config] * len(models)
-    tta = check_tta(tta, [(str(s or f"member {i}"), c) for i, (s, c) in enumerate(zip(sources, configs, strict=True))],
-                    allow_untrained=allow_untrained_tta)
+    weights = member_weights(weights, len(models))
+    members = [Member(model, c, w, str(s or f"member {i}"))
+               for i, (model, c, w, s) in enumerate(zip(models, configs, weights, sources, strict=True))]
+    tta = check_tta(tta, [(m.name, m.config) for m in members], allow_untrained=allow_untrained_tta)
     out = _check_target(out, overwrite)
     if chunk < 1:
         raise DataError(f"--chunk must be >= 1, got {chunk}")
+    if max_image_size < 1:
+        raise DataError(f"--max-image-size must be >= 1, got {max_image_size}")
+    check_members(members)
+    post = Postprocess.from_config(config.train)
     archive = keras.export.ExportArchive()
     for model in models:
         archive.track(model)
-    for name, (fn, signature) in serving_functions(models, config, chunk, tta).items():
+    for name, (fn, signature) in serving_functions(members, post, chunk, tta, max_image_size).items():
         archive.add_endpoint(name, fn, input_signature=signature)
-    warmup = sample_context(config)
+    context, volume = sample_requests(config)
     with files.atomic_dir(out, overwrite) as tmp:
         archive.write_out(str(tmp), verbose=False)
         layout.warmup_path(tmp).parent.mkdir()
         with tf.io.TFRecordWriter(str(layout.warmup_path(tmp))) as writer:
-            writer.write(warmup_record(warmup))
-        files.write_json(layout.info_path(tmp), export_info(config, sources, chunk, tta, configs))
+            writer.write(warmup_record([context], SIGNATURE))
+            writer.write(warmup_record(volume, VOLUME_SIGNATURE))
+        files.write_json(layout.info_path(tmp), export_info(members, post, chunk, tta, sources, max_image_size))
         write_kit(layout.info_path(tmp).parent, out.parent.name or "tfseg", int(out.name))
-        # Answer the warm-up request from the written files before publishing them.
-        answer = tf.saved_model.load(str(tmp)).signatures[SIGNATURE](slices=tf.constant([warmup]))
+        # Answer the warm-up requests from the written files before publishing them.
+        loaded = tf.saved_model.load(str(tmp))
+        answer = loaded.signatures[SIGNATURE](slices=tf.constant([context]))
+        pngs = loaded.signatures[VOLUME_SIGNATURE](slices=tf.constant(volume))["masks_png"]
         if verbose:
-            print(f"warm-up request answered: masks {answer['masks'].shape}, "
-                  f"{int(tf.reduce_sum(tf.cast(answer['masks'], tf.int32)))} organ pixels")
+            print(f"warm-up requests answered: masks {answer['masks'].shape}, "
+                  f"{int(tf.reduce_sum(tf.cast(answer['masks'], tf.int32)))} organ pixels; "
+                  f"{len(pngs)} mask PNGs for a {len(volume)}-slice volume")
     return out
 
 
-def export(runs, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16, tta=(),
-           allow_untrained_tta: bool = False, verbose: bool = True) -> Path:
-    """Write a run's model, or the average of several runs' models (an ensemble, e.g. the folds of a
-    cross-validation), as the SavedModel `out` (a numbered version folder); returns `out`. The first
-    run's config gives the post-processing; all must share their input (check_members); a flip in tta
-    must be one every run was trained with, unless allow_untrained_tta (check_tta)."""
+def export(runs, out: str | os.PathLike, *, overwrite: bool = False, chunk: int = 16, tta=(), weights=None,
+           allow_untrained_tta: bool = False, max_image_size: int = MAX_IMAGE_SIZE, verbose: bool = True) -> Path:
+    """Write a run's model, or the fusion of several runs' models (e.g. the folds of a cross-validation;
+    probabilities averaged with `weights`, default equal), as the SavedModel `out` (a numbered version
+    folder); returns `out`. The first run's config gives the post-processing; all must be fusable
+    (check_members); a flip in tta must be one every run was trained with, unless allow_untrained_tta."""
     runs = [runs] if isinstance(runs, str | os.PathLike) else list(runs)
     if not runs:
         raise DataError("export needs at least one run folder")
     _check_target(out, overwrite)  # fail before loading anything
     parse_tta(tta)
+    member_weights(weights, len(runs))
     for run in runs:
         if not layout.RunFolder(run).final_model.exists():
             raise DataError(f"{run}: no {layout.RunFolder(run).final_model.name}; not a finished tfseg run folder")
+    configs = [load_config(layout.RunFolder(run).config) for run in runs]
+    for run, config in zip(runs, configs, strict=True):
+        check_kind(config, str(run))
     # Before loading any model; write_saved_model checks again (and warns when allowed).
-    check_tta(tta, [(str(run), load_config(layout.RunFolder(run).config)) for run in runs],
+    check_tta(tta, [(str(run), config) for run, config in zip(runs, configs, strict=True)],
               allow_untrained=allow_untrained_tta, warn=False)
     loaded = [load_run_model(run) for run in runs]
-    check_members([config for config, _, _ in loaded], [str(run) for run in runs])
+    check_members([Member(model, config, 1.0, str(run)) for run, (config, model, _) in zip(runs, loaded, strict=True)])
     write_saved_model([model for _, model, _ in loaded], loaded[0][0], out, overwrite=overwrite, chunk=chunk,
-                      sources=[source for _, _, source in loaded], tta=tta,
+                      sources=[source for _, _, source in loaded], tta=tta, weights=weights,
                       configs=[config for config, _, _ in loaded], allow_untrained_tta=allow_untrained_tta,
-                      verbose=verbose)
+                      max_image_size=max_image_size, verbose=verbose)
     if verbose:
-        what = loaded[0][2] if len(runs) == 1 else f"an ensemble of {len(runs)} runs"
-        print(f"exported {what} -> {out} (signatures {SIGNATURE}, {MASKS_PNG}, {PREDICT_FLOAT}"
-              f"{'; tta ' + ','.join(parse_tta(tta)) if tta else ''})")
+        what = loaded[0][2] if len(runs) == 1 else f"a fusion of {len(runs)} runs"
+        print(f"exported {what} -> {out} (signatures {SIGNATURE}, {MASKS_PNG}, {PREDICT_FLOAT}, {VOLUME_SIGNATURE}, "
+              f"{VOLUME_PROBABILITIES}{'; tta ' + ','.join(parse_tta(tta)) if tta else ''})")
     return Path(out)

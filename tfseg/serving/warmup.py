@@ -1,5 +1,6 @@
-"""The warm-up request TF Serving replays when it loads a model (assets.extra/tf_serving_warmup_requests),
-so the first real request does not pay for graph tracing."""
+"""The warm-up requests TF Serving replays when it loads a model (assets.extra/tf_serving_warmup_requests),
+so the first real request does not pay for graph tracing: one context row for serving_default and a
+short volume for serving_volume."""
 
 import numpy as np
 import tensorflow as tf
@@ -11,10 +12,12 @@ from tfseg.layout import SIGNATURE
 from tfseg.records.features import parse_volume
 from tfseg.records.reader import shard_files
 
+VOLUME_SLICES = 8  # slices of the warm-up volume: enough to run every branch, small enough to keep the file small
 
-def sample_context(config: Config) -> list[bytes]:
-    """K PNGs forming a real context: the middle slice of the first validation volume (or, without
-    records, a synthetic 16-bit scan repeated K times)."""
+
+def sample_requests(config: Config) -> tuple[list[bytes], list[bytes]]:
+    """(K PNGs forming a real context: the middle slice of the first validation volume; that volume's
+    middle VOLUME_SLICES slices in order). Without records: a synthetic 16-bit scan, repeated."""
     offsets = config.data.offsets
     try:
         shards = shard_files(config.data.records, config.data.val_folds)
@@ -22,18 +25,20 @@ def sample_context(config: Config) -> list[bytes]:
         shards = []
     for serialized in tf.data.TFRecordDataset(shards).take(1):
         pngs = parse_volume(serialized)["image_png"].numpy().tolist()
-        return context_rows(pngs, offsets)[len(pngs) // 2]
+        start = max(0, len(pngs) // 2 - VOLUME_SLICES // 2)
+        return context_rows(pngs, offsets)[len(pngs) // 2], pngs[start:start + VOLUME_SLICES]
     y, x = np.mgrid[:266, :266]
     scan = (2000 + 1500 * np.sin(x / 20.0) * np.cos(y / 30.0)).astype(np.uint16)
-    return [tf.io.encode_png(scan[..., None]).numpy()] * len(offsets)
+    png = tf.io.encode_png(scan[..., None]).numpy()
+    return [png] * len(offsets), [png] * VOLUME_SLICES
 
 
-def warmup_record(pngs: list[bytes], model_name: str = "tfseg") -> bytes:
-    """One serialized PredictionLog holding a serving_default PredictRequest for `pngs` ([1, K])."""
+def warmup_record(slices: list, signature: str = SIGNATURE, model_name: str = "tfseg") -> bytes:
+    """One serialized PredictionLog holding a PredictRequest of `signature` whose `slices` input is
+    `slices` ([1, K] rows for serving_default, [D] for serving_volume)."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    request = predict_pb2.PredictRequest(
-        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE))
-    request.inputs["slices"].CopyFrom(tf.make_tensor_proto([pngs], dtype=tf.string))
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
+    request.inputs["slices"].CopyFrom(tf.make_tensor_proto(slices, dtype=tf.string))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
     return log.SerializeToString()
