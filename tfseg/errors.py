@@ -7,3 +7,8 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration key or value is unknown or invalid."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss became NaN, a worker was lost, a shard became unreadable); the last
+    good checkpoint is kept, and the same command resumes from it."""

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from tfseg import cli, layout
-from tfseg.serving.savedmodel import export
 
 
 @cli.command
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"version folder to write, e.g. {layout.SAVED_MODELS_DIR}/NAME/1 "
                                       f"(default: {layout.SAVED_MODELS_DIR}/<run name>/<next version>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the version folder if it exists")
-    parser.add_argument("--chunk", type=int, default=16,
+    parser.add_argument("--chunk", type=cli.at_least(1), default=16,
                         help="slices the model processes at once inside the graph; bounds memory for "
                              "whole-volume requests (default: 16)")
     args = parser.parse_args(argv)
@@ -52,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(layout.SAVED_MODELS_DIR) / name
     if not args.out:
         out = out / str(layout.next_version(out))
+    from tfseg.serving.savedmodel import export  # TensorFlow loads here
+
     export(runs, out, overwrite=args.overwrite, chunk=args.chunk, tta=args.tta,
            allow_untrained_tta=args.allow_untrained_tta)
     return 0

@@ -63,10 +63,26 @@ class RunFolder:
     curves = property(lambda self: self.path / "curves.png")
     eval_dir = property(lambda self: self.path / "eval")
 
+    def limited_eval_dir(self, limit: int) -> Path:
+        """evaluate --limit N's report: beside eval/, never over it."""
+        return self.path / f"eval-limit{limit}"
+
     @property
     def training_outputs(self) -> tuple[Path, ...]:
         """What `train --fresh` removes."""
         return (self.config, self.history, self.checkpoints, self.logs, self.best_weights, self.final_model)
+
+
+def existing_run(run_dir: str | os.PathLike) -> RunFolder:
+    """The RunFolder of a folder tfseg.train wrote; DataError saying what run_dir is instead."""
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise DataError(f"{run_dir}: no such run folder; give a folder tfseg.train wrote ({RUNS_DIR}/NAME), or "
+                        f"train one: python -m tfseg.train --config FILE --run-dir {run_dir}")
+    if not run.config.exists():
+        raise DataError(f"{run_dir}: not a run folder (no {run.config.name}); give a folder tfseg.train wrote "
+                        f"({RUNS_DIR}/NAME)")
+    return run
 
 
 def fold_runs(cv_dir: str | os.PathLike) -> list[Path]:

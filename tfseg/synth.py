@@ -18,15 +18,17 @@ def main(argv: list[str] | None = None) -> int:
                     "scans under DIR/train/, and the options in DIR/synth.json. Does nothing if DIR/train.csv "
                     "exists (a complete dataset) with the same difficulty; refuses if its difficulty differs.")
     parser.add_argument("--out", default=layout.SYNTH_DATA_DIR, help="output folder (default: %(default)s)")
-    parser.add_argument("--cases", type=int, default=6, help="number of cases (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
+    parser.add_argument("--cases", type=cli.at_least(1), default=6, help="number of cases (default: %(default)s)")
+    parser.add_argument("--seed", type=cli.at_least(0), default=0,
+                        help="random seed; same seed, same bytes (default: 0)")
     parser.add_argument("--full", action="store_true",
                         help="full scale like the real data: 85 cases, 274 case-days, 38,496 slices "
                              "(ignores --cases)")
-    parser.add_argument("--days", type=int, help=f"days per case (default: random 1..{synth.MAX_DAYS})")
-    parser.add_argument("--slices", type=int,
+    parser.add_argument("--days", type=cli.at_least(1), choices=range(1, synth.MAX_DAYS + 1), metavar="N",
+                        help=f"days per case, 1..{synth.MAX_DAYS} (default: random 1..{synth.MAX_DAYS})")
+    parser.add_argument("--slices", type=cli.at_least(1),
                         help="slices per volume (default: 144, or 80 for 276x276 scans, as in the real data)")
-    parser.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    parser.add_argument("--workers", type=cli.at_least(1), help="worker processes (default: all cores)")
     parser.add_argument("--difficulty", choices=synth.DIFFICULTIES, default="standard",
                         help="hard: bowel look-alikes, overlapping intensities, several bowel pieces, gas, "
                              "tapered ends, stronger bias and noise, slice motion (default: %(default)s)")

@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
+from tfseg import cli
 from tfseg.config import load_config
 from tfseg.data.context import context_rows
 from tfseg.kaggle import synth
 from tfseg.kaggle.scans import encode_png
 from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
-from tfseg.serving.savedmodel import write_saved_model
-from tfseg.training.run_folder import load_run_model
 
 SIZES = (1, 8, 32)  # slices per request
 VOLUME = 144  # slices of a whole-volume request (most real volumes)
@@ -33,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run", metavar="DIR", help="run folder whose model to measure (default: random weights)")
     parser.add_argument("--config", default="configs/cpu.yaml",
                         help="config of the random-weights model when there is no --run (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=10, metavar="N",
+    parser.add_argument("--repeats", type=cli.at_least(1), default=10, metavar="N",
                         help="timed calls per measurement, after two warm-up calls (default: %(default)s)")
 
 
@@ -58,6 +56,11 @@ def _scans(offsets) -> tuple[list[list[bytes]], tuple[int, int]]:
 
 
 def run(args) -> dict:
+    import tensorflow as tf  # here, not at import: `python -m tfseg.bench --help` lists every benchmark at once
+
+    from tfseg.serving.savedmodel import write_saved_model
+    from tfseg.training.run_folder import load_run_model
+
     if args.run:
         config, model, _ = load_run_model(args.run)
         print(f"model of {args.run}")

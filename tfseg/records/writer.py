@@ -21,7 +21,7 @@ from tfseg.errors import ConfigError, DataError
 from tfseg.kaggle.folds import FOLD_SEED
 from tfseg.layout import MANIFEST
 from tfseg.records import manifest as manifest_lib
-from tfseg.records import plan, shards, volumes
+from tfseg.records import plan, reader, shards, volumes
 
 
 def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = None, shard_mb: float = 150,
@@ -62,13 +62,13 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
         except ValueError:
             old = {}
         diffs = manifest_lib.differences(old, settings)
-        if not diffs and manifest_lib.up_to_date(out, old):
+        if not diffs and not reader.damaged_shards(out):  # sizes and sha256: a damaged shard is remade
             say(f"{out} is up to date (same data and settings); nothing to do")
             return old
         if diffs and not overwrite:
             raise DataError(f"{out} holds records made with other settings: {'; '.join(diffs)}. "
                             "Use --overwrite to replace them (or choose another --out)")
-        say(f"{out}: replacing the records there ({'; '.join(diffs) or 'shard files missing or changed'})")
+        say(f"{out}: replacing the records there ({'; '.join(diffs) or 'shard files missing or damaged'})")
 
     import tensorflow as tf  # only now that there is work to do: --help and no-op reruns stay quick
 
