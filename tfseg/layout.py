@@ -129,7 +129,15 @@ def read_info(saved_model: str | os.PathLike) -> dict:
     """The tfseg.json written beside a SavedModel by export (classes, offsets, post-processing, config)."""
     path = info_path(saved_model)
     if not path.exists():
-        raise DataError(f"{saved_model}: no {ASSETS_EXTRA}/{INFO_FILE}; not a SavedModel written by tfseg.export")
+        numbered = versions(saved_model)
+        if numbered:  # the model folder TF Serving takes, given where one of its versions is wanted
+            raise DataError(f"{saved_model}: a model folder of versions {', '.join(map(str, numbered))}, not a "
+                            f"SavedModel; give a version folder, e.g. {Path(saved_model) / str(numbered[-1])}")
+        if not Path(saved_model).is_dir():
+            raise DataError(f"{saved_model}: no such SavedModel folder; export one with python -m tfseg.export "
+                            f"--run RUN --out {saved_model}")
+        raise DataError(f"{saved_model}: no {ASSETS_EXTRA}/{INFO_FILE}; not a SavedModel written by tfseg.export "
+                        f"(export one with python -m tfseg.export --run RUN --out {SAVED_MODELS_DIR}/NAME/1)")
     return json.loads(path.read_text())
 
 

@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Write the built-in synthetic dataset (3D abdominal MRI phantoms with stomach, small "
                     "and large bowel masks) in exactly the Kaggle layout: DIR/train.csv and 16-bit PNG "
                     "scans under DIR/train/, and the options in DIR/synth.json. Does nothing if DIR/train.csv "
-                    "exists (a complete dataset) with the same difficulty; refuses if its difficulty differs.")
+                    "exists (a complete dataset) made with the same options; refuses if they differ (--overwrite "
+                    "replaces it).")
     parser.add_argument("--out", default=layout.SYNTH_DATA_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--cases", type=cli.at_least(1), default=6, help="number of cases (default: %(default)s)")
     parser.add_argument("--seed", type=cli.at_least(0), default=0,
@@ -41,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.full and (args.days or args.slices):
         parser.error("--full fixes days and slices; drop --days/--slices")
     out = Path(args.out)
-    existing = synth.dataset_options(out)
-    if existing is not None and not args.overwrite and existing.get("difficulty") == args.difficulty:
-        print(f"{out}: complete dataset already there (train.csv exists), not regenerated")
+    changed = synth.changed_options(out, args.cases, args.seed, full=args.full, days=args.days,
+                                    num_slices=args.slices, difficulty=args.difficulty)
+    if changed == [] and not args.overwrite:
+        print(f"{out}: complete dataset with these options already there (train.csv exists), not regenerated")
     else:
-        start = time.perf_counter()  # make_dataset refuses a dataset of another difficulty without --overwrite
+        start = time.perf_counter()  # make_dataset refuses a dataset made with other options without --overwrite
         synth.make_dataset(out, args.cases, args.seed, full=args.full, days=args.days, num_slices=args.slices,
                            workers=args.workers, progress=not args.no_progress, difficulty=args.difficulty,
                            overwrite=args.overwrite)

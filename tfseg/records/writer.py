@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tfseg import __version__
-from tfseg.errors import ConfigError, DataError
+from tfseg.errors import ConfigError, DataError, check_ranges
 from tfseg.kaggle.folds import FOLD_SEED
 from tfseg.layout import MANIFEST
 from tfseg.records import manifest as manifest_lib
@@ -38,9 +38,8 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
     workers > 1 start processes with multiprocessing's forkserver: a script calling this needs the
     `if __name__ == "__main__":` guard.
     """
-    if folds < 1 or shard_mb <= 0 or (workers is not None and workers < 1):
-        raise ConfigError(f"need folds >= 1, shard_mb > 0 and workers >= 1 "
-                          f"(got {folds}, {shard_mb}, {workers})")
+    check_ranges("records", [("folds", folds, folds >= 1, ">= 1"), ("shard_mb", shard_mb, shard_mb > 0, "> 0"),
+                             ("workers", workers, workers is None or workers >= 1, ">= 1")])
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     say = print if progress else (lambda *a, **k: None)
