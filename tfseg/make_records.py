@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from tfseg import cli, layout
-from tfseg.kaggle.index import KNOWN_MISLABELLED
+from tfseg.kaggle.constants import KNOWN_MISLABELLED
 
 
 @cli.command

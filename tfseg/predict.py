@@ -13,7 +13,7 @@ slices only: a little different from training, in exchange for smaller requests)
 import argparse
 import sys
 
-from tfseg import CLASSES, cli
+from tfseg import CLASSES, cli, layout
 
 
 @cli.command
@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     case_days = [c.strip() for c in args.case_days.split(",") if c.strip()] if args.case_days else None
+    from tfseg.kaggle.index import read_index
+    from tfseg.kaggle.scans import check_scan_header
+
+    layout.read_info(args.model)  # a wrong --model or data fails before TensorFlow loads
+    for path in read_index(args.data_dir, args.split)["path"]:  # the model would reject them without naming them
+        check_scan_header(path)
     from tfseg.serving.predict import predict, write_submission  # TensorFlow loads here
 
     submission, scores = predict(args.model, args.data_dir, split=args.split, batch_size=args.batch_size,

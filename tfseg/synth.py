@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from tfseg import cli, layout
-from tfseg.kaggle import synth
+from tfseg.kaggle.constants import DIFFICULTIES, MAX_DAYS
 
 
 @cli.command
@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="full scale like the real data: 85 cases, 274 case-days, 38,496 slices "
                              "(ignores --cases)")
-    parser.add_argument("--days", type=cli.at_least(1), choices=range(1, synth.MAX_DAYS + 1), metavar="N",
-                        help=f"days per case, 1..{synth.MAX_DAYS} (default: random 1..{synth.MAX_DAYS})")
+    parser.add_argument("--days", type=cli.at_least(1), choices=range(1, MAX_DAYS + 1), metavar="N",
+                        help=f"days per case, 1..{MAX_DAYS} (default: random 1..{MAX_DAYS})")
     parser.add_argument("--slices", type=cli.at_least(1),
                         help="slices per volume (default: 144, or 80 for 276x276 scans, as in the real data)")
     parser.add_argument("--workers", type=cli.at_least(1), help="worker processes (default: all cores)")
-    parser.add_argument("--difficulty", choices=synth.DIFFICULTIES, default="standard",
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="standard",
                         help="hard: bowel look-alikes, overlapping intensities, several bowel pieces, gas, "
                              "tapered ends, stronger bias and noise, slice motion (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also draw a few slices with their mask contours to this PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from tfseg.kaggle import synth
+
     if args.full and (args.days or args.slices):
         parser.error("--full fixes days and slices; drop --days/--slices")
     out = Path(args.out)

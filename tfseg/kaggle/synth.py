@@ -43,17 +43,16 @@ from tfseg.draw import draw_contours, save_grid
 from tfseg.errors import ConfigError, DataError, check_ranges
 from tfseg.files import atomic_path, write_bytes
 from tfseg.kaggle import rle
+from tfseg.kaggle.constants import DIFFICULTIES, MAX_DAYS
 from tfseg.kaggle.scans import encode_png
 
 # The real table: (width, height, pixel spacing mm, slices, case-days) per scan size.
 SIZES = ((266, 266, 1.50, 144, 180), (360, 310, 1.50, 144, 78), (276, 276, 1.63, 80, 15),
          (234, 234, 1.50, 144, 1))
 FULL_CASES = (55, 24, 5, 1)  # cases per size with --full: 85 cases, 274 case-days, 38,496 slices
-MAX_DAYS = 5
 Z_EXTENT = 429.0  # mm the slices of a volume span (144 slices, 3 mm apart); fewer slices sample it coarser
 SCALE_RANGE = (300.0, 30000.0)  # per-case intensity scale: the scan maxima of the real data's range
 HEADER = "id,class,segmentation"
-DIFFICULTIES = ("standard", "hard")
 META = "synth.json"  # the options a dataset was made with, written next to train.csv
 
 # Mean tissue intensities (fraction of the case's scale); each case jitters them a little.

@@ -32,7 +32,7 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
     A complete out_dir made from the same data with the same settings is left as it is; one made
     otherwise raises DataError naming the differences, unless overwrite. on_error "fail" stops at
     the first bad input and writes no shard; "skip" leaves bad slices (or volumes) out and lists them.
-    The known-mislabelled case-days (kaggle.index.KNOWN_MISLABELLED) are left out and listed under
+    The known-mislabelled case-days (kaggle.constants.KNOWN_MISLABELLED) are left out and listed under
     "excluded" unless keep_mislabelled; settings name them only when the data holds them, so records of
     data without them keep the settings they had before this rule existed.
     workers > 1 start processes with multiprocessing's forkserver: a script calling this needs the
