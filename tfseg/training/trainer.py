@@ -66,7 +66,6 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     started = time.perf_counter()
     run_dir, t = Path(run_dir), config.train
     parse_profile(t.profile_batches)  # a bad value fails now, not mid-run
-    check_shards(config.data.records, [*train_folds(config), *config.data.val_folds])  # a damaged shard, too
     strategy = strategy_lib.make_strategy(t.strategy, t.tpu, t.cpu_replicas)
     kind = strategy_lib.device_kind(strategy)
     resolved = copy.deepcopy(config)
@@ -77,6 +76,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     chief = strategy_lib.is_chief(strategy)
     log = Log(chief, progress)
     folds = train_folds(config)
+    check_shards(config.data.records, [*folds, *config.data.val_folds])  # a damaged shard stops us before any file
     batch = config.data.batch_size
     if batch % strategy.num_replicas_in_sync:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by the {strategy.num_replicas_in_sync} replicas")
