@@ -22,7 +22,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from tfseg import CLASSES, cli, layout
 from tfseg.config import AugmentConfig, Config, DataConfig
@@ -227,6 +226,8 @@ class NotebookLoader:
 
     def __init__(self, data_dir, batch_size: int, seed: int = 0):
         data_dir = Path(data_dir)
+        import pandas as pd  # here: `python -m tfseg.bench --help` imports every benchmark module
+
         labels = pd.read_csv(data_dir / "train.csv", keep_default_na=False)
         self.rles = {(i, c): s for i, c, s in zip(labels["id"], labels["class"], labels["segmentation"], strict=True)}
         self.paths, self.depth, self.samples = {}, {}, []

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from tfseg import cli, layout
-from tfseg.records.writer import build_records
 
 FULL_DATA_DIR = "data/synth-full"
 FULL_SLICES = 38_496  # the real data set, which data/synth-full mirrors
@@ -62,6 +61,8 @@ def _dataset(data_dir: Path, limit: int | None) -> Path:
 
 
 def run(args) -> dict:
+    from tfseg.records.writer import build_records  # pandas: not for `python -m tfseg.bench --help`
+
     data_dir = _dataset(Path(args.data_dir), args.limit_volumes)
     work = Path(layout.RECORDS_DIR).parent
     work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ import numpy as np
 from tfseg import cli
 from tfseg.config import load_config
 from tfseg.data.context import context_rows
-from tfseg.kaggle import synth
 from tfseg.kaggle.scans import encode_png
 from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE
 
@@ -49,6 +48,8 @@ def _seconds(fn, repeats: int) -> float:
 
 def _scans(offsets) -> tuple[list[list[bytes]], tuple[int, int]]:
     """K-slice contexts of a synthetic volume as the PNG bytes a client sends, and its (H, W)."""
+    from tfseg.kaggle import synth  # SciPy and OpenCV: not for `python -m tfseg.bench --help`
+
     volume = synth.plan_volumes(cases=1, seed=0, days=1, num_slices=VOLUME)[0]
     image, _ = synth.render_volume(volume, seed=0)
     pngs = [encode_png(s) for s in image]
