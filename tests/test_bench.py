@@ -17,7 +17,7 @@ PIPELINES = ("host", "cached", "device_aug", "cached_device_aug")  # bench data'
 
 # bench name -> (arguments at a tiny size, keys its JSON must hold)
 BENCHES = {
-    "records": (lambda d, r: ["--data-dir", str(d), "--limit-volumes", "4", "--folds", "2"],
+    "records": (lambda d, r: ["--data-dir", str(d), "--limit-volumes", "4", "--num-folds", "2"],
                 {"slices_per_s_1", "slices_per_s_2", "speedup_2_vs_1", "full_dataset_minutes_2", "same_bytes_1_vs_2"}),
     "data": (lambda d, r: ["--records", str(r), "--data-dir", str(d), "--batches", "3", "--batch-size", "4",
                            "--shuffle-buffer", "8", "--warmup-volumes", "0.2"],

@@ -14,6 +14,7 @@ from tfseg.errors import ConfigError
 from tfseg.evaluation.report import trained_steps
 from tfseg.layout import RunFolder
 from tfseg.model.build import build_model
+from tfseg.training import trainer
 from tfseg.training.budget import FINAL_SECONDS, SAFETY, plan_steps
 from tfseg.training.optimizer import loss_scale, make_optimizer
 
@@ -53,7 +54,7 @@ def budget_run(records_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("budget") / "run"
     config = smoke_config(records_dir, "train.budget_minutes=1", "train.steps_per_epoch=null", "train.epochs=3")
     began = time.perf_counter()
-    result = train.train(config, run_dir, progress=False)
+    result = trainer.train(config, run_dir, progress=False)
     return result, run_dir, time.perf_counter() - began, config
 
 
@@ -76,7 +77,7 @@ def test_a_one_minute_budget_ends_in_a_minute(budget_run):
 @pytest.mark.slow
 def test_a_budgeted_run_resumes_with_its_steps(budget_run):
     result, run_dir, _, config = budget_run
-    again = train.train(config, run_dir, progress=False)  # finished: resumes, takes no step, plans nothing
+    again = trainer.train(config, run_dir, progress=False)  # finished: resumes, takes no step, plans nothing
     assert again.config.train.steps_per_epoch == result.config.train.steps_per_epoch
     assert [r["loss"] for r in again.history] == pytest.approx([r["loss"] for r in result.history], rel=1e-5)
 
@@ -96,7 +97,7 @@ def test_bad_budgets_are_refused_and_write_nothing(minutes, message, records_dir
 
 def test_training_on_every_fold_runs_without_validation(records_dir, tmp_path):
     config = smoke_config(records_dir, "data.val_folds=[]", "train.epochs=2", "train.steps_per_epoch=3")
-    result = train.train(config, tmp_path / "run", progress=False)
+    result = trainer.train(config, tmp_path / "run", progress=False)
     assert len(result.history) == 2 and not any(k.startswith("val_") for k in result.history[-1])
     run = RunFolder(tmp_path / "run")
     assert run.final_model.exists() and run.curves.exists() and not run.best_weights.exists()
@@ -130,7 +131,7 @@ def test_ema_leaves_the_averaged_weights(records_dir, tmp_path):
     runs = {}
     for ema in (0.0, 0.999):
         config = smoke_config(records_dir, f"train.ema={ema}", "train.epochs=1", "train.steps_per_epoch=8")
-        runs[ema] = train.train(config, tmp_path / f"run{ema}", progress=False).model
+        runs[ema] = trainer.train(config, tmp_path / f"run{ema}", progress=False).model
     keras.utils.set_random_seed(config.data.seed)  # as train() does before it builds the model
     start = build_model(config).trainable_weights
     moved = {ema: sum(float(np.abs(a.numpy() - b.numpy()).sum()) for a, b in zip(model.trainable_weights, start,

@@ -73,8 +73,12 @@ def test_bad_yaml_file_names_the_problem(index, text, named, tmp_path, capsys):
 
 
 def test_bad_flag_values_name_the_key(tmp_path, capsys):
-    assert cli.run(train.main, ["--config", str(CONFIGS[0]), "--epochs", "0", "--run-dir", str(tmp_path)]) == 2
+    argv = ["--config", str(CONFIGS[0]), "--set", "train.epochs=0", "--run-dir", str(tmp_path)]
+    assert cli.run(train.main, argv) == 2
     assert "train.epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # the flag's own minimum: an argument error, before the config
+        train.main(["--config", str(CONFIGS[0]), "--epochs", "0", "--run-dir", str(tmp_path)])
+    assert exit.value.code == 2 and "--epochs: must be at least 1" in capsys.readouterr().err
     for bad in ("x", "5,2", "0"):
         argv = ["--config", str(CONFIGS[0]), "--profile-batches", bad, "--run-dir", str(tmp_path / "run")]
         assert cli.run(train.main, argv) == 2

@@ -11,7 +11,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from tests.test_export import run_dir, saved_model  # noqa: F401  (session-wide tiny run and export)
-from tfseg import CLASSES, evaluate
+from tfseg import CLASSES, cli, evaluate, files, layout
 from tfseg.config import load_config
 from tfseg.data import pipeline
 from tfseg.evaluation import metric, scoring
@@ -102,3 +102,36 @@ def test_saved_model_evaluates_like_keras(run_dir, saved_model, keras_report, tm
     assert list(saved_rows["case_day"]) == list(keras_rows["case_day"])
     assert np.abs(saved_rows["score"] - keras_rows["score"]).max() < 1e-3
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == str(saved_model)
+
+
+def test_report_says_held_out_and_the_limit(keras_report):
+    """The tiny run validates on fold 0 (trains on fold 1): its fold-0 score is held out, and a --limit
+    score says it covers the first volumes only, in summary.json and in the printout."""
+    out, printed = keras_report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["folds_label"] == scoring.HELD_OUT and summary["limit"] == 2
+    assert "fold(s) 0, held-out, only the first 2 volume(s) (--limit)" in printed
+
+
+def test_training_folds_are_optimistic_and_a_limit_writes_its_own_folder(run_dir):  # noqa: F811
+    run = layout.RunFolder(run_dir)
+    full = run.eval_dir / "summary.json"
+    before = full.read_bytes() if full.exists() else None
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert evaluate.main(["--run", str(run_dir), "--folds", "1", "--limit", "1", "--no-progress"]) == 0
+    summary = json.loads((run.limited_eval_dir(1) / "summary.json").read_text())
+    assert summary["folds_label"] == scoring.OPTIMISTIC == "training folds (optimistic)"
+    assert "fold(s) 1, training folds (optimistic), only the first 1 volume(s)" in printed.getvalue()
+    assert (full.read_bytes() if full.exists() else None) == before  # RUN/eval untouched
+
+
+def test_a_limit_never_replaces_a_full_evaluation(run_dir, tmp_path, capsys):  # noqa: F811
+    files.write_json(tmp_path / "summary.json", {"score": 0.9, "folds": [0]})  # a full evaluation's summary
+    before = (tmp_path / "summary.json").read_bytes()
+    argv = ["--run", str(run_dir), "--out", str(tmp_path), "--limit", "1", "--no-progress"]
+    assert cli.run(evaluate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a full evaluation" in err and "--out" in err
+    assert (tmp_path / "summary.json").read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "summary.json"]  # nothing else written

@@ -61,5 +61,5 @@ def test_as_many_cases_as_folds_gives_one_case_each():
 
 
 def test_fewer_cases_than_folds_is_a_data_error():
-    with pytest.raises(DataError, match=r"only 2 case\(s\) for 5 folds.*--folds 2"):
+    with pytest.raises(DataError, match=r"only 2 case\(s\) for 5 folds.*--num-folds 2"):
         assign_folds(_table([2, 1]), 5)

@@ -260,7 +260,7 @@ def test_bad_input_fails_naming_it_and_writes_nothing(layout, tmp_path, capsys, 
     root, _ = layout
     BAD_INPUTS[name][0](root)
     out = tmp_path / "rec"
-    args = ["--data-dir", str(root), "--out", str(out), "--folds", "2", "--workers", "2", "--no-progress"]
+    args = ["--data-dir", str(root), "--out", str(out), "--num-folds", "2", "--workers", "2", "--no-progress"]
     assert cli.run(make_records.main, args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -327,7 +327,7 @@ def test_interrupted_finish_resumes(layout, tmp_path, monkeypatch):
 def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "rec"
     write_layout(data, {f"case{c}_day1": (60, 128, 128) for c in range(1, 11)})
-    args = ["--data-dir", str(data), "--out", str(out), "--folds", "2", "--shard-mb", "0.01",
+    args = ["--data-dir", str(data), "--out", str(out), "--num-folds", "2", "--shard-mb", "0.01",
             "--workers", "2"]  # workers hand volumes over in temp files: the rerun must clear those too
     proc = subprocess.Popen([sys.executable, "-m", "tfseg.make_records", *args, "--no-progress"], cwd=REPO,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
@@ -372,7 +372,7 @@ def test_known_mislabelled_excluded_unless_kept(tmp_path, capsys):
     data = tmp_path / "data"
     write_layout(data, MISLABELLED_LAYOUT)
     out = tmp_path / "rec"
-    assert make_records.main(["--data-dir", str(data), "--out", str(out), "--folds", "2", "--workers", "1",
+    assert make_records.main(["--data-dir", str(data), "--out", str(out), "--num-folds", "2", "--workers", "1",
                               "--no-progress"]) == 0
     printed = capsys.readouterr()
     manifest = json.loads((out / "manifest.json").read_text())

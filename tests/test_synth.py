@@ -112,8 +112,21 @@ def test_same_seed_same_bytes_whatever_the_workers(tiny, tmp_path):
 
 def test_complete_dataset_is_not_rewritten(tiny):
     before = (tiny / "train.csv").stat().st_mtime_ns
-    assert synth.make_dataset(tiny, cases=5, seed=9, progress=False) == tiny
+    assert synth.make_dataset(tiny, cases=3, seed=1, days=2, num_slices=24, progress=False) == tiny
     assert (tiny / "train.csv").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(("options", "named"), [({"cases": 5}, "cases 3 -> 5"), ({"seed": 9}, "seed 1 -> 9"),
+                                                ({"num_slices": 12}, "slices 144 -> 72"),
+                                                ({"difficulty": "hard"}, "difficulty 'standard' -> 'hard'")])
+def test_a_dataset_made_with_other_options_is_refused(tiny, options, named):
+    """Not silently kept: the error names what differs and --overwrite."""
+    before = _hashes(tiny)
+    wanted = {"cases": 3, "seed": 1, "days": 2, "num_slices": 24} | options
+    with pytest.raises(ConfigError) as err:
+        synth.make_dataset(tiny, progress=False, **wanted)
+    assert named in str(err.value) and "--overwrite" in str(err.value)
+    assert _hashes(tiny) == before
 
 
 def test_half_the_slices_are_empty(tiny, full_volumes):
@@ -180,7 +193,8 @@ def test_draw_contours_outlines_masks():
 
 def test_preview_command_writes_png(tiny, tmp_path):
     out = tmp_path / "preview.png"
-    assert synth_command.main(["--out", str(tiny), "--preview", str(out)]) == 0
+    tiny_options = ["--cases", "3", "--seed", "1", "--days", "2", "--slices", "24"]
+    assert synth_command.main(["--out", str(tiny), *tiny_options, "--preview", str(out)]) == 0
     image = cv2.imread(str(out))
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 300
     tiles = image[: int(image.shape[0] * 0.85)].astype(int)  # above the legend

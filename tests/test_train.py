@@ -12,7 +12,7 @@ import pytest
 from tfseg import CLASSES, cli, train
 from tfseg.config import load_config
 from tfseg.layout import RunFolder
-from tfseg.training import curves
+from tfseg.training import curves, trainer
 from tfseg.training.optimizer import make_optimizer
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
@@ -26,7 +26,7 @@ def smoke_config(records_dir, *overrides):
 def smoke_run(records_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
     # Fixed batches: whether 90 steps at a high rate find the organs must not depend on the order drawn.
-    return train.train(smoke_config(records_dir, "data.deterministic=true"), run_dir, progress=False), run_dir
+    return trainer.train(smoke_config(records_dir, "data.deterministic=true"), run_dir, progress=False), run_dir
 
 
 def test_smoke_model_learns(smoke_run):
@@ -74,7 +74,7 @@ def test_a_changed_config_refuses_to_resume(smoke_run, records_dir, capsys):
 def test_mixed_precision_trains_with_float32_outputs(precision, records_dir, tmp_path):
     config = smoke_config(records_dir, f"train.precision={precision}", "train.epochs=1", "train.steps_per_epoch=1",
                           "train.image_log_every=0")
-    result = train.train(config, tmp_path / "run", progress=False)
+    result = trainer.train(config, tmp_path / "run", progress=False)
     assert result.model.output.dtype == "float32"
     assert result.model.get_layer("enc0_1_conv").compute_dtype == precision.removeprefix("mixed_")
     assert np.isfinite(result.history[0]["loss"])

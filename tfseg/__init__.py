@@ -2,9 +2,13 @@
 
 import os
 
+from tfseg import tflog
+
 # Hide TensorFlow's C++ info lines (CPU feature notes, CUDA probing on machines without a GPU) unless the
-# user set a level. It must happen before TensorFlow is imported, and every command imports tfseg first.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# user set a level (TF_CPP_MIN_LOG_LEVEL=0 shows them all). It must happen before TensorFlow is imported,
+# and every command imports tfseg first; tflog hides the lines TensorFlow prints before it reads the level.
+os.environ.setdefault(tflog.LEVEL, "2")
+tflog.install()
 
 __version__ = "0.1.0"
 

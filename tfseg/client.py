@@ -16,7 +16,6 @@ import argparse
 import sys
 
 from tfseg import CLASSES, cli
-from tfseg.serving.client import ServingError, segment
 
 
 @cli.command
@@ -33,15 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --batch-size: context offsets of the model, its data.offsets; write "
                              "--offsets=-1,1 when the first is negative (default: %(default)s)")
     parser.add_argument("--out", default="masks", help="folder for the mask PNGs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=0,
+    parser.add_argument("--batch-size", type=cli.at_least(0), default=0,
                         help="slices per request to the per-slice signature; 0 (default) sends them all in one "
                              "serving_volume request")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait per request (default: 300)")
+    parser.add_argument("--timeout", type=cli.positive, default=300, help="seconds to wait per request (default: 300)")
     args = parser.parse_args(argv)
     try:
         offsets = [int(o) for o in args.offsets.replace(",", " ").split()]
     except ValueError:
         parser.error(f"--offsets: expected integers like -2,0,2, got {args.offsets!r}")
+    from tfseg.serving.client import ServingError, segment
+
     url = args.url or ("127.0.0.1:8501" if args.protocol == "rest" else "127.0.0.1:8500")
     try:
         written = segment(args.protocol, url, args.scans, offsets, args.out, model_name=args.model_name,

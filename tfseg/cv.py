@@ -11,7 +11,6 @@ import argparse
 import sys
 
 from tfseg import cli
-from tfseg.evaluation.cross_validation import cross_validate, format_cv
 
 
 @cli.command
@@ -20,14 +19,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file of every fold's run")
     parser.add_argument("--records", help="records folder (default: the config's data.records)")
-    parser.add_argument("--folds", required=True, type=lambda s: [int(f) for f in s.split(",")], metavar="K,...",
-                        help="validation folds, one run each, e.g. 0,1,2,3,4")
+    cli.add_folds(parser, "--folds", required=True, help="validation folds, one run each")
     parser.add_argument("--out", required=True, help="cross-validation folder, e.g. runs/cv")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key for every fold (repeatable)")
     parser.add_argument("--fresh", action="store_true", help="retrain every fold from scratch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    from tfseg.evaluation.cross_validation import cross_validate, format_cv  # TensorFlow loads here
+
     summary = cross_validate(args.config, args.folds, args.out, records=args.records, overrides=args.set,
                              fresh=args.fresh, progress=not args.no_progress)
     print(format_cv(summary))

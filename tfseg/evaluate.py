@@ -14,8 +14,6 @@ import sys
 
 from tfseg import cli
 from tfseg.evaluation.metric import EMPTY_DICE, HAUSDORFF_MODES
-from tfseg.evaluation.report import format_table, report_files
-from tfseg.evaluation.scoring import evaluate_run
 
 
 @cli.command
@@ -23,12 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfseg.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by tfseg.train")
-    parser.add_argument("--folds", type=int, nargs="+", help="folds to score (default: the run's data.val_folds)")
+    cli.add_folds(parser, "--folds", help="folds to score (default: the run's data.val_folds)")
     parser.add_argument("--model", help="evaluate this SavedModel (its predict_float signature) instead of the "
                                          "run's Keras model, e.g. saved_models/NAME/1")
-    parser.add_argument("--batch-size", type=int, default=16, help="slices per model call (default: 16)")
+    parser.add_argument("--batch-size", type=cli.at_least(1), default=16, help="slices per model call (default: 16)")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the run's train.threshold)")
-    parser.add_argument("--min-component", type=int,
+    parser.add_argument("--min-component", type=cli.at_least(0),
                         help="drop predicted components smaller than this many pixels per slice "
                              "(default: the run's train.min_component)")
     parser.add_argument("--min-component-fraction", type=float,
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presence-threshold", type=float,
                         help="with a presence head: zero a class on slices whose presence is below this "
                              "(default: the run's train.presence_threshold)")
-    parser.add_argument("--min-pixels", type=int,
+    parser.add_argument("--min-pixels", type=cli.at_least(0),
                         help="pixel rule: zero a class on a slice unless more than this many pixels reach "
                              "--min-pixel-probability; 0 is off (default: the run's train.min_pixels)")
     parser.add_argument("--min-pixel-probability", type=float,
@@ -52,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="leaderboard Dice of rows empty in both: skip (the host's ruling, default), zero or one")
     parser.add_argument("--hausdorff", choices=HAUSDORFF_MODES, default="joined",
                         help="leaderboard Hausdorff of the class-joined volume (default) or per class")
-    parser.add_argument("--limit", type=int, help="score only the first LIMIT volumes (a quick look)")
+    parser.add_argument("--limit", type=cli.at_least(1),
+                        help="score only the first LIMIT volumes (a quick look), reported in RUN/eval-limitLIMIT")
     parser.add_argument("--out", help="report folder (default: RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from tfseg.evaluation.report import describe_folds, format_table, report_files  # TensorFlow loads here
+    from tfseg.evaluation.scoring import evaluate_run
+
     overrides = {"threshold": args.threshold, "min_component": args.min_component,
                  "min_component_fraction": args.min_component_fraction, "presence_threshold": args.presence_threshold,
                  "min_pixels": args.min_pixels, "min_pixel_probability": args.min_pixel_probability}
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                 post_overrides=overrides, tta=args.tta, allow_untrained_tta=args.allow_untrained_tta,
                                 limit=args.limit, empty_dice=args.empty_dice, hausdorff=args.hausdorff,
                                 progress=not args.no_progress)
-    print(f"\n{summary['model']}, fold(s) {', '.join(map(str, summary['folds']))}:")
+    print(f"\n{summary['model']}, {describe_folds(summary)}:")
     print(format_table(summary))
     print(f"wrote {', '.join(map(str, report_files(out)))}")
     return 0

@@ -34,8 +34,6 @@ import sys
 from pathlib import Path
 
 from tfseg import cli, layout
-from tfseg.serving.savedmodel import export
-from tfseg.serving.signatures import MAX_IMAGE_SIZE
 
 
 @cli.command
@@ -59,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"version folder to write, e.g. {layout.SAVED_MODELS_DIR}/NAME/1 "
                                       f"(default: {layout.SAVED_MODELS_DIR}/<run name>/<next version>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the version folder if it exists")
-    parser.add_argument("--chunk", type=int, default=16,
+    parser.add_argument("--chunk", type=cli.at_least(1), default=16,
                         help="slices the model processes at once inside the graph; bounds memory for "
                              "whole-volume requests (default: 16)")
-    parser.add_argument("--max-image-size", type=int, default=MAX_IMAGE_SIZE, metavar="PX",
+    parser.add_argument("--max-image-size", type=cli.at_least(1), default=layout.MAX_IMAGE_SIZE, metavar="PX",
                         help="largest width or height a scan PNG may declare; larger ones are refused before "
                              "decoding (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -73,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --run RUN (repeatable) or --cv DIR")
     if args.weight is not None and (len(args.weight) != len(runs) or min(args.weight) <= 0):
         parser.error(f"--weight: give one positive weight per member ({len(runs)}), got {args.weight}")
-    if args.chunk < 1 or args.max_image_size < 1:
-        parser.error("--chunk and --max-image-size must be >= 1")
     name = Path(args.cv).resolve().name if args.cv else runs[0].resolve().name
     out = Path(args.out) if args.out else Path(layout.SAVED_MODELS_DIR) / name
     if not args.out:
         out = out / str(layout.next_version(out))
+    from tfseg.serving.savedmodel import export  # TensorFlow loads here
+
     export(runs, out, overwrite=args.overwrite, chunk=args.chunk, tta=args.tta, weights=args.weight,
            allow_untrained_tta=args.allow_untrained_tta, max_image_size=args.max_image_size)
     return 0

@@ -63,10 +63,26 @@ class RunFolder:
     curves = property(lambda self: self.path / "curves.png")
     eval_dir = property(lambda self: self.path / "eval")
 
+    def limited_eval_dir(self, limit: int) -> Path:
+        """evaluate --limit N's report: beside eval/, never over it."""
+        return self.path / f"eval-limit{limit}"
+
     @property
     def training_outputs(self) -> tuple[Path, ...]:
         """What `train --fresh` removes."""
         return (self.config, self.history, self.checkpoints, self.logs, self.best_weights, self.final_model)
+
+
+def existing_run(run_dir: str | os.PathLike) -> RunFolder:
+    """The RunFolder of a folder tfseg.train wrote; DataError saying what run_dir is instead."""
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise DataError(f"{run_dir}: no such run folder; give a folder tfseg.train wrote ({RUNS_DIR}/NAME), or "
+                        f"train one: python -m tfseg.train --config FILE --run-dir {run_dir}")
+    if not run.config.exists():
+        raise DataError(f"{run_dir}: not a run folder (no {run.config.name}); give a folder tfseg.train wrote "
+                        f"({RUNS_DIR}/NAME)")
+    return run
 
 
 def fold_runs(cv_dir: str | os.PathLike) -> list[Path]:
@@ -101,6 +117,7 @@ VOLUME_PROBABILITIES = "volume_probabilities"  # slices string [D] -> probabilit
 ASSETS_EXTRA = "assets.extra"  # TF Serving reads the warm-up file here; tfseg keeps its metadata beside it
 WARMUP_FILE = "tf_serving_warmup_requests"
 INFO_FILE = "tfseg.json"
+MAX_IMAGE_SIZE = 2048  # default limit on a served scan's declared width and height (export --max-image-size)
 
 
 def warmup_path(saved_model: str | os.PathLike) -> Path:
@@ -115,7 +132,15 @@ def read_info(saved_model: str | os.PathLike) -> dict:
     """The tfseg.json written beside a SavedModel by export (classes, offsets, post-processing, config)."""
     path = info_path(saved_model)
     if not path.exists():
-        raise DataError(f"{saved_model}: no {ASSETS_EXTRA}/{INFO_FILE}; not a SavedModel written by tfseg.export")
+        numbered = versions(saved_model)
+        if numbered:  # the model folder TF Serving takes, given where one of its versions is wanted
+            raise DataError(f"{saved_model}: a model folder of versions {', '.join(map(str, numbered))}, not a "
+                            f"SavedModel; give a version folder, e.g. {Path(saved_model) / str(numbered[-1])}")
+        if not Path(saved_model).is_dir():
+            raise DataError(f"{saved_model}: no such SavedModel folder; export one with python -m tfseg.export "
+                            f"--run RUN --out {saved_model}")
+        raise DataError(f"{saved_model}: no {ASSETS_EXTRA}/{INFO_FILE}; not a SavedModel written by tfseg.export "
+                        f"(export one with python -m tfseg.export --run RUN --out {SAVED_MODELS_DIR}/NAME/1)")
     return json.loads(path.read_text())
 
 

@@ -6,10 +6,7 @@ import sys
 from pathlib import Path
 
 from tfseg import cli, layout
-from tfseg.kaggle import synth
-from tfseg.kaggle.index import KNOWN_MISLABELLED
-from tfseg.records import inspect
-from tfseg.records.writer import build_records
+from tfseg.kaggle.constants import KNOWN_MISLABELLED
 
 
 @cli.command
@@ -23,10 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="Kaggle-layout data folder (default: the built-in synthetic "
                                            f"dataset in {layout.SYNTH_DATA_DIR}, made first if missing)")
     parser.add_argument("--out", default=layout.RECORDS_DIR, help="output folder (default: %(default)s)")
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: %(default)s)")
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--num-folds", type=cli.at_least(1), default=5, metavar="N",
+                        help="how many cross-validation folds to make (default: %(default)s)")
+    cli.add_renamed(parser, "--folds", "--num-folds", type=cli.at_least(1))
+    parser.add_argument("--workers", type=cli.at_least(1),
                         help=f"worker processes (default: all cores, {len(os.sched_getaffinity(0))} here)")
-    parser.add_argument("--shard-mb", type=float, default=150,
+    parser.add_argument("--shard-mb", type=cli.positive, default=150,
                         help="about this many MB per shard; a volume is never split (default: %(default)s)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                         help="bad input: fail (stop, write nothing) or skip (leave it out, list it in the "
@@ -39,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace records in --out made from other data or with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     args = parser.parse_args(argv)
+    from tfseg.kaggle import synth
+    from tfseg.records import inspect
+    from tfseg.records.writer import build_records
+
     data_dir = synth.ensure_dataset() if args.data_dir is None else Path(args.data_dir)
-    manifest = build_records(data_dir, args.out, folds=args.folds, workers=args.workers,
+    manifest = build_records(data_dir, args.out, folds=args.num_folds, workers=args.workers,
                              shard_mb=args.shard_mb, on_error=args.on_error, overwrite=args.overwrite,
                              keep_mislabelled=args.keep_mislabelled, progress=not args.no_progress)
     print(inspect.summary(manifest))

@@ -14,8 +14,7 @@ differ, mask Dice 0.99 against the whole volume's, in exchange for smaller reque
 import argparse
 import sys
 
-from tfseg import CLASSES, cli
-from tfseg.serving.predict import predict, write_submission
+from tfseg import CLASSES, cli, layout
 
 
 @cli.command
@@ -29,16 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="submission.csv", help="submission CSV to write (default: %(default)s)")
     parser.add_argument("--overlays", metavar="DIR",
                         help="also write one PNG per volume with contours of a few slices showing each organ")
-    parser.add_argument("--batch-size", type=int, default=0,
+    parser.add_argument("--batch-size", type=cli.at_least(0), default=0,
                         help="slices per request to serving_default; 0 (default) sends whole volumes to the volume "
                              "signature, normalised exactly as in training")
     parser.add_argument("--case-days", help="only these volumes, comma-separated (e.g. case1_day2,case7_day0)")
-    parser.add_argument("--folds", type=int, nargs="+",
-                        help="only the cases of these record folds (held-out volumes; folds from the records "
-                             "the model was trained on)")
+    cli.add_folds(parser, "--folds", help="only the cases of these record folds (held-out volumes; folds from the "
+                                          "records the model was trained on)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     case_days = [c.strip() for c in args.case_days.split(",") if c.strip()] if args.case_days else None
+    from tfseg.kaggle.index import read_index
+    from tfseg.kaggle.scans import check_scan_header
+
+    layout.read_info(args.model)  # a wrong --model or data fails before TensorFlow loads
+    for path in read_index(args.data_dir, args.split)["path"]:  # the model would reject them without naming them
+        check_scan_header(path)
+    from tfseg.serving.predict import predict, write_submission  # TensorFlow loads here
+
     submission, scores = predict(args.model, args.data_dir, split=args.split, batch_size=args.batch_size,
                                  case_days=case_days, folds=args.folds, overlays=args.overlays,
                                  progress=not args.no_progress)

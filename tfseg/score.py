@@ -13,8 +13,6 @@ import sys
 
 from tfseg import cli, files
 from tfseg.evaluation.metric import EMPTY_DICE, HAUSDORFF_MODES
-from tfseg.evaluation.report import format_table
-from tfseg.evaluation.submission import score_submission
 
 
 @cli.command
@@ -35,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                              "grader) or per (case-day, class)")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     args = parser.parse_args(argv)
+    from tfseg.evaluation.report import format_table
+    from tfseg.evaluation.submission import score_submission
+
     summary, _ = score_submission(args.submission, args.labels, args.data_dir,
                                   only_submitted_volumes=args.only_submitted_volumes, empty_dice=args.empty_dice,
                                   hausdorff=args.hausdorff)

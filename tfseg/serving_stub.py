@@ -19,7 +19,6 @@ import argparse
 import sys
 
 from tfseg import cli
-from tfseg.serving.stub import serve
 
 
 @cli.command
@@ -29,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_name", default="tfseg", help="name clients ask for (default: %(default)s)")
     parser.add_argument("--model_base_path", required=True,
                         help="folder of numbered SavedModel versions, e.g. saved_models/NAME")
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default: 8500)")
-    parser.add_argument("--rest_api_port", type=int, default=8501,
+    parser.add_argument("--port", type=cli.at_least(0), default=8500,
+                        help="gRPC port; 0 picks a free one (default: 8500)")
+    parser.add_argument("--rest_api_port", type=cli.at_least(0), default=8501,
                         help="REST port; 0 picks a free one (default: 8501)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     args = parser.parse_args(argv)
+    from tfseg.serving.stub import serve  # TensorFlow loads here
+
     serve(args.model_name, args.model_base_path, args.host, args.port, args.rest_api_port)
     return 0
 

@@ -8,7 +8,6 @@ import argparse
 import sys
 
 from tfseg import cli
-from tfseg.evaluation.report import pipeline_summary
 
 
 @cli.command
@@ -20,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submission", help="submission CSV written by tfseg.predict")
     parser.add_argument("--overlays", help="overlay folder written by tfseg.predict")
     args = parser.parse_args(argv)
+    from tfseg.evaluation.report import pipeline_summary
+
     print(pipeline_summary(args.run, args.model, args.submission, args.overlays))
     return 0
 

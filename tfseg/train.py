@@ -16,8 +16,6 @@ from pathlib import Path
 
 from tfseg import cli, layout
 from tfseg.config import CHOICES, load_config
-from tfseg.training.loop import TrainingStopped
-from tfseg.training.trainer import train
 
 DEFAULT_CONFIG = "configs/default.yaml"
 # Flag -> config key; every flag is an override of the config file.
@@ -44,11 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config file (default: {DEFAULT_CONFIG})")
     parser.add_argument("--records", help="records folder from tfseg.make_records (data.records)")
-    parser.add_argument("--val-folds", type=lambda s: [int(f) for f in s.split(",")], metavar="K,...",
-                        help="held-out folds for validation; the others train (data.val_folds)")
+    cli.add_folds(parser, "--val-folds", help="held-out folds for validation; the others train (data.val_folds)")
     parser.add_argument("--run-dir", help=f"run folder (default: {layout.RUNS_DIR}/<config file name>)")
-    parser.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
-    parser.add_argument("--budget-minutes", type=float, metavar="M",
+    parser.add_argument("--epochs", type=cli.at_least(1), help="number of epochs (train.epochs)")
+    parser.add_argument("--budget-minutes", type=cli.positive, metavar="M",
                         help="train for M minutes, validation included; the run chooses its steps per epoch "
                              "(train.budget_minutes)")
     parser.add_argument("--strategy", choices=CHOICES["train.strategy"],
@@ -57,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=CHOICES["train.precision"],
                         help="auto: mixed_float16 on GPUs, mixed_bfloat16 on TPUs and on CPUs with native bf16, "
                              "else float32 (train.precision)")
-    parser.add_argument("--cpu-replicas", type=int, metavar="N",
+    parser.add_argument("--cpu-replicas", type=cli.at_least(1), metavar="N",
                         help="split the CPU into N logical devices and mirror over them (tests; train.cpu_replicas)")
     parser.add_argument("--jit-compile", choices=("true", "false", "auto"), type=str.lower,
                         help="compile the forward and backward pass with XLA; auto: where it is faster for "
@@ -78,11 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, [*args.set, *flag_overrides(args)])
     run_dir = Path(args.run_dir) if args.run_dir else Path(layout.RUNS_DIR) / Path(args.config).stem
-    try:
-        result = train(config, run_dir, fresh=args.fresh, progress=not args.no_progress)
-    except TrainingStopped as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    from tfseg.training.trainer import train  # TensorFlow loads here, after the arguments are checked
+
+    result = train(config, run_dir, fresh=args.fresh, progress=not args.no_progress)
     if result.chief:
         last = result.history[-1] if result.history else {}
         summary = f"last val_dice {last['val_dice']:.4f}; " if "val_dice" in last else ""

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 
-from tfseg import CLASSES, layout
+from tfseg import CLASSES, cli, layout
 from tfseg.config import AugmentConfig, Config, DataConfig
 from tfseg.kaggle import rle
 from tfseg.records.reader import shard_files
@@ -44,11 +43,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", metavar="DIR", default=layout.SYNTH_DATA_DIR,
                         help="the Kaggle-layout folder the records came from; the notebook loader reads it "
                              "(default: %(default)s, the synthetic dataset, made if missing)")
-    parser.add_argument("--batches", type=int, default=200, metavar="N",
+    parser.add_argument("--batches", type=cli.at_least(1), default=200, metavar="N",
                         help="timed batches per measurement, after warm-up; the pipeline needs many volumes' "
                              "worth for a steady-state figure (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
-    parser.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer,
+    parser.add_argument("--batch-size", type=cli.at_least(1), default=16,
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--shuffle-buffer", type=cli.at_least(1), default=DataConfig.shuffle_buffer,
                         help="slices in the pipeline's shuffle buffer (default: %(default)s)")
     parser.add_argument("--warmup-volumes", type=float, default=WARMUP_VOLUMES, metavar="N",
                         help="volumes' worth of batches (144 slices each) taken after the shuffle buffer is full "
@@ -226,6 +226,8 @@ class NotebookLoader:
 
     def __init__(self, data_dir, batch_size: int, seed: int = 0):
         data_dir = Path(data_dir)
+        import pandas as pd  # here: `python -m tfseg.bench --help` imports every benchmark module
+
         labels = pd.read_csv(data_dir / "train.csv", keep_default_na=False)
         self.rles = {(i, c): s for i, c, s in zip(labels["id"], labels["class"], labels["segmentation"], strict=True)}
         self.paths, self.depth, self.samples = {}, {}, []

@@ -12,8 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tfseg import layout
-from tfseg.records.writer import build_records
+from tfseg import cli, layout
 
 FULL_DATA_DIR = "data/synth-full"
 FULL_SLICES = 38_496  # the real data set, which data/synth-full mirrors
@@ -23,9 +22,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default=FULL_DATA_DIR,
                         help="Kaggle-layout data; made with tfseg.synth (full scale) if missing "
                              "(default: %(default)s)")
-    parser.add_argument("--limit-volumes", type=int, metavar="N",
+    parser.add_argument("--limit-volumes", type=cli.at_least(1), metavar="N",
                         help="time only N case-days spread over the data set (default: all)")
-    parser.add_argument("--folds", type=int, default=5, help="folds (default: 5, fewer if fewer cases)")
+    parser.add_argument("--num-folds", type=cli.at_least(1), default=5, metavar="N",
+                        help="how many folds (default: 5, fewer if fewer cases)")
+    cli.add_renamed(parser, "--folds", "--num-folds", type=cli.at_least(1))
 
 
 def _subset(data_dir: Path, count: int, into: Path) -> Path:
@@ -60,6 +61,8 @@ def _dataset(data_dir: Path, limit: int | None) -> Path:
 
 
 def run(args) -> dict:
+    from tfseg.records.writer import build_records  # pandas: not for `python -m tfseg.bench --help`
+
     data_dir = _dataset(Path(args.data_dir), args.limit_volumes)
     work = Path(layout.RECORDS_DIR).parent
     work.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,7 @@ def run(args) -> dict:
         for workers in (1, 2):
             out = tmp / f"workers{workers}"
             start = time.perf_counter()
-            manifest = build_records(source, out, folds=min(args.folds, cases), workers=workers,
+            manifest = build_records(source, out, folds=min(args.num_folds, cases), workers=workers,
                                      progress=False)
             seconds = time.perf_counter() - start
             figures[f"slices_per_s_{workers}"] = manifest["num_slices"] / seconds

@@ -18,15 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
+from tfseg import cli
 from tfseg.config import load_config
 from tfseg.data.context import context_rows
-from tfseg.kaggle import synth
 from tfseg.kaggle.scans import encode_png
 from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE, VOLUME_SIGNATURE
-from tfseg.serving.savedmodel import write_saved_model
-from tfseg.training.run_folder import load_run_model
 
 SIZES = (1, 8, 32)  # slices per request
 VOLUME = 144  # slices of a whole-volume request (most real volumes)
@@ -36,7 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run", metavar="DIR", help="run folder whose model to measure (default: random weights)")
     parser.add_argument("--config", default="configs/cpu.yaml",
                         help="config of the random-weights model when there is no --run (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=10, metavar="N",
+    parser.add_argument("--repeats", type=cli.at_least(1), default=10, metavar="N",
                         help="timed calls per measurement, after two warm-up calls (default: %(default)s)")
 
 
@@ -54,6 +51,8 @@ def _seconds(fn, repeats: int) -> float:
 
 def _scans(offsets) -> tuple[list[bytes], list[list[bytes]], tuple[int, int]]:
     """A synthetic volume's slices as the PNG bytes a client sends, their K-slice contexts, its (H, W)."""
+    from tfseg.kaggle import synth  # SciPy and OpenCV: not for `python -m tfseg.bench --help`
+
     volume = synth.plan_volumes(cases=1, seed=0, days=1, num_slices=VOLUME)[0]
     image, _ = synth.render_volume(volume, seed=0)
     pngs = [encode_png(s) for s in image]
@@ -61,6 +60,11 @@ def _scans(offsets) -> tuple[list[bytes], list[list[bytes]], tuple[int, int]]:
 
 
 def run(args) -> dict:
+    import tensorflow as tf  # here, not at import: `python -m tfseg.bench --help` lists every benchmark at once
+
+    from tfseg.serving.savedmodel import write_saved_model
+    from tfseg.training.run_folder import load_run_model
+
     if args.run:
         config, model, _ = load_run_model(args.run)
         print(f"model of {args.run}")
@@ -112,6 +116,7 @@ def run(args) -> dict:
 def _volume_case(serving_volume, masks_png, pngs: list[bytes], rows: list[list[bytes]], repeats: int) -> dict:
     """One volume's mask PNGs three ways: one serving_volume request, one masks_png request of every
     context row, one masks_png request per slice."""
+    import tensorflow as tf
     volume, all_rows = tf.constant(pngs), tf.constant(rows)
     one_by_one = [tf.constant([row]) for row in rows]
     seconds = {

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from tfseg import layout
+from tfseg import cli, layout
 
 VARIANTS = {"float32": ("float32", False), "bf16": ("mixed_bfloat16", False), "xla": ("float32", True),
             "bf16_xla": ("mixed_bfloat16", True)}
@@ -20,8 +20,10 @@ CACHED_BATCHES = 4
 def add_arguments(parser) -> None:
     parser.add_argument("--records", default=layout.RECORDS_DIR, help=f"records folder (default: {layout.RECORDS_DIR})")
     parser.add_argument("--config", default="configs/cpu.yaml", help="model and input size (default: configs/cpu.yaml)")
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (default: 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, after tracing (default: 3)")
+    parser.add_argument("--steps", type=cli.at_least(1), default=20,
+                        help="timed training steps per measurement (default: 20)")
+    parser.add_argument("--warmup", type=cli.at_least(0), default=3,
+                        help="untimed steps first, after tracing (default: 3)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
 
 

@@ -16,6 +16,7 @@ from tfseg.config import load_config
 from tfseg.errors import ConfigError
 from tfseg.evaluation.metric import combine_rows
 from tfseg.evaluation.scoring import evaluate_run
+from tfseg.records.reader import check_shards
 from tfseg.training.run_folder import read_history
 from tfseg.training.trainer import train
 
@@ -36,8 +37,9 @@ def cross_validate(config_path, folds, out, *, records=None, overrides=(), fresh
         raise ConfigError(f"--folds: need distinct folds, got {folds}")
     extra = [f"data.records={json.dumps(str(records))}"] if records else []
     per_fold, rows = {}, []
-    for fold in folds:
-        config = load_config(config_path, [*overrides, *extra, f"data.val_folds=[{fold}]"])
+    configs = {fold: load_config(config_path, [*overrides, *extra, f"data.val_folds=[{fold}]"]) for fold in folds}
+    check_shards(configs[folds[0]].data.records)  # before any fold: a damaged shard stops the whole run at once
+    for fold, config in configs.items():
         run = layout.RunFolder(layout.fold_run(out, fold))
         if fresh or not _finished(run, config.train.epochs):
             print(f"fold {fold}: training {run.path}", flush=True)

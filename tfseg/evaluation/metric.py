@@ -21,7 +21,6 @@ box to the whole volume.
 import math
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from tfseg import CLASSES
 
@@ -74,7 +73,7 @@ def _neighbours(mask: np.ndarray, index: np.ndarray) -> np.ndarray:
     return count
 
 
-def _farthest(tree: cKDTree, coords: np.ndarray, scale: np.ndarray) -> float:
+def _farthest(tree, coords: np.ndarray, scale: np.ndarray) -> float:
     """max over voxels `coords` (indices [N, 3]) of the distance from coords * scale to the tree's nearest point."""
     if not len(coords):
         return 0.0
@@ -102,6 +101,8 @@ def _directed(src: np.ndarray, dst: np.ndarray, dst_mask: np.ndarray, scale: np.
     # The nearest dst voxel to a voxel outside dst has a 6-neighbour outside dst (else a neighbour
     # would be closer, whatever the positive axis scales), so dst's surface voxels suffice as targets.
     surface = dst[_neighbours(dst_mask, dst) < 6]
+    from scipy.spatial import cKDTree  # here: commands that only name the metric's options start at once
+
     tree = cKDTree(_coords(surface, dst_mask.shape) * scale, balanced_tree=False, compact_nodes=False)
     # Voxels next to dst are at most one (largest) axis step away; the others are farther than any
     # such step in unit scale, so they decide the maximum unless there are none or they are closer.

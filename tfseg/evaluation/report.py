@@ -35,6 +35,14 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_folds(summary: dict) -> str:
+    """Which folds a summary scores and what that score is: held-out or optimistic, all volumes or a limit."""
+    text = f"fold(s) {', '.join(map(str, summary['folds']))}, {summary.get('folds_label', 'held-out')}"
+    if summary.get("limit") is not None:
+        text += f", only the first {summary['limit']} volume(s) (--limit)"
+    return text
+
+
 def plot_scores(rows: list[dict], path: Path) -> None:
     """Bar chart of per-volume scores (worst first), with the all-empty score of each volume."""
     from matplotlib.figure import Figure
@@ -79,15 +87,16 @@ def trained_steps(run: RunFolder, train) -> str:
 
 
 def pipeline_summary(run_dir: str | Path, model=None, submission=None, overlays=None) -> str:
-    """The closing summary of a pipeline run: the held-out score, where every output is, how to look."""
+    """The closing summary of a pipeline run: the score (held-out or not), where every output is, how to look."""
     run = RunFolder(run_dir)
     summary_path = run.eval_dir / EVAL_SUMMARY
     if not summary_path.exists():
         raise DataError(f"{summary_path}: missing; run python -m tfseg.evaluate --run {run.path} first")
     summary = json.loads(summary_path.read_text())
     lines = ["", "=== tfseg summary ===",
-             f"held-out score  {summary['score']:.4f}  (leaderboard metric: dice {summary['dice']:.4f}, hausdorff "
-             f"{summary['hausdorff']:.4f}) on {summary['num_volumes']} volume(s)",
+             f"{summary.get('folds_label', 'held-out')} score  {summary['score']:.4f}  (leaderboard metric: dice "
+             f"{summary['dice']:.4f}, hausdorff {summary['hausdorff']:.4f}) on {summary['num_volumes']} volume(s) of "
+             f"{describe_folds(summary)}",
              f"per-organ 3D    {summary['organ3d_score']:.4f}  (dice {summary['organ3d_dice']:.4f}, hausdorff "
              f"{summary['organ3d_hausdorff']:.4f})",
              f"all-empty prediction would score {summary['empty_score']:.4f}"]

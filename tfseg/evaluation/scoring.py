@@ -6,6 +6,7 @@ the score of an all-empty prediction is reported beside it: what a model that fi
 """
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from tfseg.evaluation.predictors import (
     saved_model_volumes,
 )
 from tfseg.evaluation.report import write_report
-from tfseg.layout import VOLUME_SIGNATURE, RunFolder, read_info, read_manifest
+from tfseg.layout import EVAL_SUMMARY, VOLUME_SIGNATURE, RunFolder, existing_run, read_info, read_manifest
 from tfseg.model.inference import check_tta, parse_tta
-from tfseg.records.reader import read_volumes
+from tfseg.records.reader import check_shards, read_volumes
 from tfseg.training.run_folder import load_run_model
 
 
@@ -82,6 +83,25 @@ def evaluate(config: Config, folds, predict: Predictor | None, *, volumes: Itera
     return rows, summary
 
 
+HELD_OUT, OPTIMISTIC = "held-out", "training folds (optimistic)"
+
+
+def folds_label(config: Config, folds) -> str:
+    """HELD_OUT when the run never trained on `folds` (its data.val_folds or holdout_folds), else OPTIMISTIC."""
+    return HELD_OUT if set(folds) <= {*config.data.val_folds, *config.data.holdout_folds} else OPTIMISTIC
+
+
+def report_dir(run: RunFolder, out: str | Path | None, limit: int | None) -> Path:
+    """Where the report goes (RUN/eval, or RUN/eval-limitN for a --limit run); a --limit run refuses to
+    replace a full evaluation."""
+    out = Path(out) if out else run.eval_dir if limit is None else run.limited_eval_dir(limit)
+    if limit is not None and (out / EVAL_SUMMARY).exists():
+        if json.loads((out / EVAL_SUMMARY).read_text()).get("limit") is None:
+            raise DataError(f"{out}: holds a full evaluation, which a --limit run does not replace; leave out "
+                            f"--out (the report goes to {run.limited_eval_dir(limit)}) or choose another --out")
+    return out
+
+
 def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = None, out: str | Path | None = None,
                  batch_size: int = 16, post_overrides: dict | None = None, tta=(), allow_untrained_tta: bool = False,
                  limit: int | None = None, empty_dice: str = "skip", hausdorff: str = "joined",
@@ -90,10 +110,14 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
     signature, with the TTA and members it was exported with), on `folds` (default: the run's validation
     folds), post-processed as the run's config says except for `post_overrides` (Postprocess fields); a
     flip in tta must be one the run was trained with, unless allow_untrained_tta (check_tta);
-    write the report to `out` (default RUN/eval); return (summary, report folder)."""
-    config = load_config(RunFolder(run_dir).config)
+    write the report to `out` (default RUN/eval, RUN/eval-limitN with a limit); return (summary, report
+    folder). The summary says whether the folds were held out in the run's training (folds_label)."""
+    run = existing_run(run_dir)
+    config = load_config(run.config)
     folds = folds if folds is not None else config.data.val_folds
     volumes = None
+    out = report_dir(run, out, limit)
+    check_shards(config.data.records, folds)
     if model:
         info = read_info(model)
         if list(info["classes"]) != list(CLASSES):
@@ -118,7 +142,7 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
     post = Postprocess.from_config(config.train, **(post_overrides or {}))
     rows, summary = evaluate(config, folds, predict, volumes=volumes, batch_size=batch_size, post=post, limit=limit,
                              empty_dice=empty_dice, hausdorff=hausdorff, progress=progress)
-    summary |= {"model": str(source), "tta": list(parse_tta(tta))}
-    out = Path(out) if out else RunFolder(run_dir).eval_dir
+    summary |= {"model": str(source), "tta": list(parse_tta(tta)), "folds_label": folds_label(config, folds),
+                "limit": limit}
     write_report(out, rows, summary)
     return summary, out

@@ -27,7 +27,7 @@ def assign_folds(table: pd.DataFrame, n_folds: int, seed: int = FOLD_SEED) -> di
                                         **{c: (c, "sum") for c in CLASSES})
     if len(cases) < n_folds:
         raise DataError(f"only {len(cases)} case(s) for {n_folds} folds: a fold holds whole cases "
-                        f"(patients), so each fold needs one; use --folds {len(cases)} or fewer")
+                        f"(patients), so each fold needs one; use --num-folds {len(cases)} or fewer")
     amounts = cases.to_numpy(np.float64)  # [cases, quantities]
     totals = amounts.sum(axis=0)
     # Choosing the fold with the least weighted load minimises the sum of squared relative loads.

@@ -19,9 +19,6 @@ ID_PATTERN = re.compile(r"case(\d+)_day(\d+)_slice_(\d{4})")
 SCAN_PATTERN = re.compile(r"slice_(\d{4})_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png")
 CASE_DIR = re.compile(r"case(\d+)")
 DAY_DIR = re.compile(r"case(\d+)_day(\d+)")
-# Case-days whose annotations are known to be wrong in the competition data (found by many teams and
-# discussed on the competition's forum): training or scoring on them measures the labels, not the model.
-KNOWN_MISLABELLED = ("case7_day0", "case81_day30")
 MISLABELLED_REASON = "known mislabelled in the competition data"
 COLUMNS = ["id", "case", "day", "slice", "case_day", "path", "width", "height", "spacing_w", "spacing_h",
            *CLASSES]

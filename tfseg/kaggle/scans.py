@@ -34,6 +34,26 @@ def read_scan(path: str | os.PathLike, expect_hw: tuple[int, int] | None = None)
     return image
 
 
+PNG_COLOURS = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale-alpha", 6: "RGBA"}
+
+
+def check_scan_header(path: str | os.PathLike) -> None:
+    """DataError naming the file and the fix unless its PNG header says 16-bit greyscale, as the Kaggle
+    scans are (reads the first 26 bytes only: cheap enough for every scan of a folder)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the scan ({err.strerror})") from None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise DataError(f"{path}: not a PNG file; scans are 16-bit greyscale PNGs as in the Kaggle data")
+    depth, colour = head[24], head[25]
+    if (depth, colour) != (16, 0):
+        raise DataError(f"{path}: a {depth}-bit {PNG_COLOURS.get(colour, f'colour type {colour}')} PNG; tfseg reads "
+                        "16-bit greyscale scans as in the Kaggle data: save the slice as a single-channel 16-bit "
+                        "PNG (e.g. cv2.imwrite(path, image.astype(numpy.uint16))), from the original intensities")
+
+
 def encode_png(image: np.ndarray, params=FAST) -> bytes:
     """Lossless PNG bytes of a uint16 [H, W] scan or a uint8 [H, W, 3] mask (channel order kept)."""
     if image.ndim == 3:

@@ -40,20 +40,19 @@ from tqdm import tqdm
 
 from tfseg import CLASSES, layout
 from tfseg.draw import draw_contours, save_grid
-from tfseg.errors import ConfigError, DataError
+from tfseg.errors import ConfigError, DataError, check_ranges
 from tfseg.files import atomic_path, write_bytes
 from tfseg.kaggle import rle
+from tfseg.kaggle.constants import DIFFICULTIES, MAX_DAYS
 from tfseg.kaggle.scans import encode_png
 
 # The real table: (width, height, pixel spacing mm, slices, case-days) per scan size.
 SIZES = ((266, 266, 1.50, 144, 180), (360, 310, 1.50, 144, 78), (276, 276, 1.63, 80, 15),
          (234, 234, 1.50, 144, 1))
 FULL_CASES = (55, 24, 5, 1)  # cases per size with --full: 85 cases, 274 case-days, 38,496 slices
-MAX_DAYS = 5
 Z_EXTENT = 429.0  # mm the slices of a volume span (144 slices, 3 mm apart); fewer slices sample it coarser
 SCALE_RANGE = (300.0, 30000.0)  # per-case intensity scale: the scan maxima of the real data's range
 HEADER = "id,class,segmentation"
-DIFFICULTIES = ("standard", "hard")
 META = "synth.json"  # the options a dataset was made with, written next to train.csv
 
 # Mean tissue intensities (fraction of the case's scale); each case jitters them a little.
@@ -122,9 +121,9 @@ def plan_volumes(cases: int = 6, seed: int = 0, *, full: bool = False, days: int
                                   for n, size in zip(FULL_CASES, SIZES, strict=True)])
         cases = len(size_of)
     else:
-        if cases < 1 or (days is not None and not 1 <= days <= MAX_DAYS) or (num_slices or 1) < 1:
-            raise ConfigError(f"need cases >= 1, days in 1..{MAX_DAYS} and num_slices >= 1; got "
-                              f"cases={cases}, days={days}, num_slices={num_slices}")
+        check_ranges("synthetic dataset", [("cases", cases, cases >= 1, ">= 1"),
+                                           ("days", days, days is None or 1 <= days <= MAX_DAYS, f"1..{MAX_DAYS}"),
+                                           ("slices", num_slices, num_slices is None or num_slices >= 1, ">= 1")])
         weights = np.array([size[4] for size in SIZES], float)
         size_of = rng.choice(len(SIZES), cases, p=weights / weights.sum())
         days_of = rng.integers(1, MAX_DAYS + 1, cases) if days is None else np.full(cases, days)
@@ -653,22 +652,42 @@ def dataset_options(out_dir: str | os.PathLike) -> dict | None:
         raise DataError(f"{out / META}: not JSON ({err})") from err
 
 
+def _options(volumes: list[Volume], seed: int, full: bool, difficulty: str) -> dict:
+    """What DIR/synth.json records: enough to tell whether a dataset was made with other options."""
+    return {"difficulty": difficulty, "seed": seed, "cases": len({v.case for v in volumes}),
+            "case_days": len(volumes), "slices": sum(v.slices for v in volumes), "full": full}
+
+
+def changed_options(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, full: bool = False,
+                    days: int | None = None, num_slices: int | None = None, difficulty: str = "standard"
+                    ) -> list[str] | None:
+    """None if out_dir holds no complete dataset; else how its options differ from these ([] if they do not).
+    A dataset without synth.json (made before it existed) is compared on its difficulty only."""
+    existing = dataset_options(out_dir)
+    if existing is None:
+        return None
+    wanted = _options(plan_volumes(cases, seed, full=full, days=days, num_slices=num_slices,
+                                   difficulty=difficulty), seed, full, difficulty)
+    return [f"{key} {existing[key]!r} -> {value!r}" for key, value in wanted.items()
+            if key in existing and existing[key] != value]
+
+
 def make_dataset(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, full: bool = False,
                  days: int | None = None, num_slices: int | None = None, workers: int | None = None,
                  progress: bool = True, difficulty: str = "standard", overwrite: bool = False) -> Path:
     """Write the synthetic dataset to out_dir (DIR/synth.json, then train.csv last).
 
     If a complete dataset is there (train.csv exists) it is kept and returned at once, unless it was
-    made with another difficulty (ConfigError) or overwrite is set (its train.csv, synth.json and
-    train/ are deleted first).
+    made with other options (ConfigError naming them, see changed_options) or overwrite is set (its
+    train.csv, synth.json and train/ are deleted first).
     """
     out = Path(out_dir)
     _check_difficulty(difficulty)
-    existing = dataset_options(out)
-    if existing is not None and not overwrite:
-        if existing.get("difficulty") != difficulty:
-            raise ConfigError(f"{out} holds a synthetic dataset of difficulty {existing.get('difficulty')!r}, "
-                              f"not {difficulty!r}: pass --overwrite to replace it, or choose another folder")
+    changed = changed_options(out, cases, seed, full=full, days=days, num_slices=num_slices, difficulty=difficulty)
+    if changed is not None and not overwrite:
+        if changed:
+            raise ConfigError(f"{out} holds a synthetic dataset made with other options ({'; '.join(changed)}): "
+                              "pass --overwrite to replace it, or choose another --out")
         return out
     volumes = plan_volumes(cases, seed, full=full, days=days, num_slices=num_slices, difficulty=difficulty)
     if overwrite:
@@ -688,10 +707,8 @@ def make_dataset(out_dir: str | os.PathLike, cases: int = 6, seed: int = 0, *, f
             rows += vol_rows
             bar.update(vol.slices)
     bar.close()
-    options = {"difficulty": difficulty, "seed": seed, "cases": len({v.case for v in volumes}),
-               "case_days": len(volumes), "slices": sum(v.slices for v in volumes), "full": full}
     with atomic_path(out / META) as tmp:
-        tmp.write_text(json.dumps(options, indent=1) + "\n")
+        tmp.write_text(json.dumps(_options(volumes, seed, full, difficulty), indent=1) + "\n")
     with atomic_path(out / "train.csv") as tmp:
         tmp.write_text("\n".join(rows) + "\n")
     return out

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from tfseg import CLASSES, files
+from tfseg import CLASSES
 from tfseg.draw import draw_contours, pick_slices, save_grid
-from tfseg.errors import DataError
 from tfseg.layout import read_manifest
 from tfseg.records.reader import read_volumes
 
@@ -69,19 +68,3 @@ def write_overlays(records_dir: str | Path, out_dir: str | Path, per_fold: int =
         written.append(save_grid(images, titles, Path(out_dir) / f"fold{fold}.png", cols=per_fold))
     return written
 
-
-def verify(records_dir: str | Path) -> list[str]:
-    """Shards whose sha256 differs from the manifest's (or that are missing)."""
-    bad = []
-    for shard in read_manifest(records_dir)["shards"]:
-        path = Path(records_dir) / shard["path"]
-        if not path.is_file() or files.sha256(path) != shard["sha256"]:
-            bad.append(shard["path"])
-    return bad
-
-
-def check(records_dir: str | Path) -> None:
-    """DataError naming every shard that is missing or differs from its sha256 in the manifest."""
-    bad = verify(records_dir)
-    if bad:
-        raise DataError(f"{records_dir}: shard(s) missing or changed since they were written: {', '.join(bad)}")

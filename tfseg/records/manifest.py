@@ -76,7 +76,3 @@ def finish(out: Path, manifest: dict, state: dict) -> None:
     (out / STATE).unlink(missing_ok=True)
 
 
-def up_to_date(out: Path, manifest: dict) -> bool:
-    return all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"]
-               for s in manifest["shards"])
-

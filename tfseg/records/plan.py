@@ -6,8 +6,9 @@ from pathlib import Path
 
 from tfseg import CLASSES, files
 from tfseg.errors import DataError
+from tfseg.kaggle.constants import KNOWN_MISLABELLED
 from tfseg.kaggle.folds import assign_folds
-from tfseg.kaggle.index import KNOWN_MISLABELLED, scan_dataset
+from tfseg.kaggle.index import scan_dataset
 
 
 def input_fingerprint(data_dir: Path) -> str:

@@ -17,11 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tfseg import __version__
-from tfseg.errors import ConfigError, DataError
+from tfseg.errors import ConfigError, DataError, check_ranges
 from tfseg.kaggle.folds import FOLD_SEED
 from tfseg.layout import MANIFEST
 from tfseg.records import manifest as manifest_lib
-from tfseg.records import plan, shards, volumes
+from tfseg.records import plan, reader, shards, volumes
 
 
 def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = None, shard_mb: float = 150,
@@ -32,15 +32,14 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
     A complete out_dir made from the same data with the same settings is left as it is; one made
     otherwise raises DataError naming the differences, unless overwrite. on_error "fail" stops at
     the first bad input and writes no shard; "skip" leaves bad slices (or volumes) out and lists them.
-    The known-mislabelled case-days (kaggle.index.KNOWN_MISLABELLED) are left out and listed under
+    The known-mislabelled case-days (kaggle.constants.KNOWN_MISLABELLED) are left out and listed under
     "excluded" unless keep_mislabelled; settings name them only when the data holds them, so records of
     data without them keep the settings they had before this rule existed.
     workers > 1 start processes with multiprocessing's forkserver: a script calling this needs the
     `if __name__ == "__main__":` guard.
     """
-    if folds < 1 or shard_mb <= 0 or (workers is not None and workers < 1):
-        raise ConfigError(f"need folds >= 1, shard_mb > 0 and workers >= 1 "
-                          f"(got {folds}, {shard_mb}, {workers})")
+    check_ranges("records", [("folds", folds, folds >= 1, ">= 1"), ("shard_mb", shard_mb, shard_mb > 0, "> 0"),
+                             ("workers", workers, workers is None or workers >= 1, ">= 1")])
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     say = print if progress else (lambda *a, **k: None)
@@ -62,13 +61,13 @@ def build_records(data_dir, out_dir, *, folds: int = 5, workers: int | None = No
         except ValueError:
             old = {}
         diffs = manifest_lib.differences(old, settings)
-        if not diffs and manifest_lib.up_to_date(out, old):
+        if not diffs and not reader.damaged_shards(out):  # sizes and sha256: a damaged shard is remade
             say(f"{out} is up to date (same data and settings); nothing to do")
             return old
         if diffs and not overwrite:
             raise DataError(f"{out} holds records made with other settings: {'; '.join(diffs)}. "
                             "Use --overwrite to replace them (or choose another --out)")
-        say(f"{out}: replacing the records there ({'; '.join(diffs) or 'shard files missing or changed'})")
+        say(f"{out}: replacing the records there ({'; '.join(diffs) or 'shard files missing or damaged'})")
 
     import tensorflow as tf  # only now that there is work to do: --help and no-op reruns stay quick
 

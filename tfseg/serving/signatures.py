@@ -25,7 +25,14 @@ import tensorflow as tf
 from tfseg import CLASSES
 from tfseg.data.preprocess import normalize, resize_images, restore_size
 from tfseg.evaluation.postprocess import Postprocess, slice_masks
-from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE, VOLUME_PROBABILITIES, VOLUME_SIGNATURE
+from tfseg.layout import (
+    MASKS_PNG,
+    MAX_IMAGE_SIZE,
+    PREDICT_FLOAT,
+    SIGNATURE,
+    VOLUME_PROBABILITIES,
+    VOLUME_SIGNATURE,
+)
 from tfseg.model.inference import Member, averaged, chunked, member_probabilities
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +40,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # height (4), bit depth (1, offset 24), colour type (1, offset 25; 0 = greyscale).
 HEADER_BYTES = 26
 BIT_DEPTH = 16  # scans are 16-bit greyscale PNGs
-MAX_IMAGE_SIZE = 2048  # default limit on a scan's declared width and height (export --max-image-size)
 
 
 def _check_all(ok, message: str, where: str):

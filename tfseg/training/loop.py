@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from tfseg import CLASSES
 from tfseg.config import Config
+from tfseg.errors import TrainingStopped
 from tfseg.layout import RunFolder
 from tfseg.training import strategy as strategy_lib
 from tfseg.training.curves import plot_history
@@ -19,10 +20,6 @@ from tfseg.training.optimizer import schedule_of
 from tfseg.training.run_folder import read_history, save_keras, write_history
 from tfseg.training.steps import Steps
 from tfseg.training.tensorboard import Profiler, log_epoch
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (the loss became NaN, a worker was lost); the last good checkpoint is kept."""
 
 
 @dataclass

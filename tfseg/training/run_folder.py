@@ -15,7 +15,7 @@ import keras
 from tfseg import files
 from tfseg.config import Config, load_config, save_config, to_dict
 from tfseg.errors import ConfigError, DataError
-from tfseg.layout import RunFolder
+from tfseg.layout import RunFolder, existing_run
 from tfseg.model.float32 import float32_model
 
 # Keys a resumed run may change: where and how fast it runs, not what it computes.
@@ -80,7 +80,7 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[Config, keras.Model, Pat
     """(config, float32 Keras model, weights file used) of a run folder: its model.keras, the weights
     at the end of the schedule (or their moving average), chosen by nothing the validation folds said.
     A best.weights.h5 that older tfseg versions picked by validation Dice is ignored."""
-    run = RunFolder(run_dir)
+    run = existing_run(run_dir)
     config = load_config(run.config)
     source = run.final_model
     if not source.exists():

@@ -11,9 +11,10 @@ import tensorflow as tf
 
 from tfseg.config import Config
 from tfseg.data.pipeline import count_slices, eval_dataset, train_dataset
-from tfseg.errors import ConfigError
+from tfseg.errors import ConfigError, TrainingStopped
 from tfseg.layout import read_manifest
 from tfseg.model.build import build_loss, build_model, resolve_norm
+from tfseg.records.reader import check_shards, damaged_shards, remake_command
 from tfseg.training import budget
 from tfseg.training import strategy as strategy_lib
 from tfseg.training.loop import Log, fit
@@ -48,6 +49,18 @@ def train_folds(config: Config) -> list[int]:
     return rest
 
 
+def shard_lost(config: Config, run_dir: Path, err: Exception) -> TrainingStopped | None:
+    """A records shard that became unreadable in the middle of a run (None if the DataLossError is not
+    about records): which one, and what to do."""
+    records, damaged = config.data.records, "; ".join(damaged_shards(config.data.records))
+    if not damaged and "record at" not in str(err):  # not a TFRecord's "truncated/corrupted record at N"
+        return None
+    damaged = damaged or f"{records}: {str(err).split('}} ')[-1].split(' [Op:')[0]}"
+    return TrainingStopped(f"{damaged}: a records shard became unreadable during training; training stopped, the "
+                           f"finished epochs are kept in {run_dir}. Remake the records (`{remake_command(records)}`), "
+                           "then run the same command again: it resumes after the last finished epoch")
+
+
 def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress: bool = True) -> Result:
     """Train under the strategy and precision of config.train; see the module docstring."""
     started = time.perf_counter()
@@ -63,6 +76,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     chief = strategy_lib.is_chief(strategy)
     log = Log(chief, progress)
     folds = train_folds(config)
+    check_shards(config.data.records, [*folds, *config.data.val_folds])  # a damaged shard stops us before any file
     batch = config.data.batch_size
     if batch % strategy.num_replicas_in_sync:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by the {strategy.num_replicas_in_sync} replicas")
@@ -115,6 +129,11 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
                       done_losses=done_losses,
                       replan=budget.Replanner(strategy, resolved, started, optimizer, run_dir, chief, log)
                       if to_plan else None)
+    except tf.errors.DataLossError as err:  # a shard damaged after check_shards, in the middle of the run
+        stopped = shard_lost(config, run_dir, err)
+        if stopped is None:
+            raise
+        raise stopped from None
     finally:
         keras.config.set_dtype_policy(previous_policy)
         strategy_lib.remove_write_dir(write_dir, run_dir)
