@@ -11,7 +11,6 @@ from tfseg import CLASSES, files
 from tfseg.config import load_config
 from tfseg.errors import DataError
 from tfseg.layout import EVAL_PER_VOLUME, EVAL_SCORES_PLOT, EVAL_SUMMARY, RunFolder
-from tfseg.training.run_folder import read_history
 
 
 def format_table(summary: dict) -> str:
@@ -79,6 +78,8 @@ def report_files(out_dir: str | Path) -> list[Path]:
 
 def trained_steps(run: RunFolder, train) -> str:
     """What the run trained, from history.csv: a time budget re-plans each epoch's steps."""
+    from tfseg.training.run_folder import read_history  # keras: this module stays TensorFlow-free
+
     rows = read_history(run.path, train.epochs)
     if rows and all("steps" in row for row in rows):
         minutes = sum(row["seconds"] for row in rows) / 60
