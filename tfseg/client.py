@@ -4,12 +4,16 @@
     python -m tfseg.client rest --url 127.0.0.1:8501 --out masks/ slice_0040.png slice_0041.png ...
 
 The SCANs are slices of one volume in slice order (a folder stands for its *.png files, sorted); each
-gets one mask PNG: SCAN stem + "_mask.png", RGB with red = large bowel, green = small bowel, blue =
-stomach. By default one serving_volume request carries all the given slices, each once: the model
-builds the K-slice contexts (clamped at the ends of what was sent) and normalises intensities over
-them, so a whole volume gets exactly training's numbers. --batch-size N sends N slices per request to
-the per-slice signature instead, each with its context from --offsets (the model's data.offsets),
-normalised over that request's slices only (the masks can then differ a little from training's).
+gets one mask PNG: SCAN stem + "_mask.png", black with each organ in the colours of every tfseg
+picture: large bowel gold, small bowel green, stomach red (tfseg.draw.CLASS_COLORS); where organs
+overlap the stomach is drawn over the small bowel over the large bowel (tfseg.labels). The printed
+pixel counts are the model's masks before that choice.
+
+By default one serving_volume request carries all the given slices, each once: the model builds
+the K-slice contexts (clamped at the ends of what was sent) and normalises intensities over them, so
+a whole volume gets exactly training's numbers. --batch-size N sends N slices per request to the
+per-slice signature instead, each with its context from the model's offsets, normalised over that
+request's slices only (the masks can then differ a little from training's).
 """
 
 import argparse

@@ -11,7 +11,9 @@ import numpy as np
 
 from tfseg import files
 from tfseg.data.context import context_rows
+from tfseg.draw import color_labels, labels_from_colors
 from tfseg.kaggle.scans import encode_png
+from tfseg.labels import label_map, one_hot
 from tfseg.layout import MASKS_PNG, SIGNATURE, VOLUME_SIGNATURE
 from tfseg.serving.api import GRPC_OPTIONS
 
@@ -100,8 +102,18 @@ def predict_grpc(url: str, model_name: str, slices: list, timeout: float, signat
 
 
 def mask_image(mask: np.ndarray) -> np.ndarray:
-    """0/1 mask [H, W, 3] in CLASSES order -> RGB uint8 with 255 where an organ is."""
-    return np.asarray(mask, np.uint8) * np.uint8(255)
+    """0/1 mask [H, W, 3] in CLASSES order -> the picture a person opens: RGB uint8, black background, each
+    organ in tfseg.draw.CLASS_COLORS (large bowel gold, small bowel green, stomach red); where organs
+    overlap the higher tfseg.labels number wins (stomach over small bowel over large bowel)."""
+    return color_labels(label_map(mask))
+
+
+def read_mask_image(path: str | Path) -> np.ndarray:
+    """A written mask file -> 0/1 mask uint8 [H, W, 3] in CLASSES order (overlaps as mask_image resolved them)."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 3:
+        raise ValueError(f"{path}: not an RGB mask PNG")
+    return one_hot(labels_from_colors(image[..., ::-1]))  # cv2 reads BGR
 
 
 def segment(protocol: str, url: str, scans: list[str], offsets, out: str | Path, *, model_name: str = "tfseg",
