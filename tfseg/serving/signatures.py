@@ -102,8 +102,8 @@ def decode_slices(slices, offsets, max_image_size: int = MAX_IMAGE_SIZE):
         # One sentence and the count sent: a row of another K is a client built for another model.
         tf.debugging.Assert(tf.equal(shape[1], num_context), [
             f"each row of slices must hold K = {num_context} PNGs, the slices at offsets "
-            f"{','.join(map(str, offsets))} of the model's training (read them from its metadata); this "
-            "request's rows hold", shape[1]]),
+            f"{','.join(map(str, offsets))} the model was trained with (read them from its metadata); the "
+            "rows of this request hold", shape[1]]),  # no apostrophes: Assert prints them escaped
     ]
     with tf.control_dependencies(checks):
         checks += check_headers(slices, max_image_size, "[row, slot]")
