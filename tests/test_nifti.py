@@ -9,11 +9,12 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from tests.test_export import saved_model, volume_pngs  # noqa: F401  (session-wide tiny export)
-from tfseg import nifti, predict
+from tfseg import predict
 from tfseg.errors import DataError
 from tfseg.kaggle import index
 from tfseg.kaggle.scans import read_scan
 from tfseg.labels import label_map, one_hot
+from tfseg.serving import nifti
 from tfseg.serving import predict as predict_lib
 
 

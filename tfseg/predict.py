@@ -10,7 +10,7 @@ one NIfTI volume and writes a NIfTI label map with the scan's affine and header,
 ITK-SNAP to overlay: labels 1 large bowel, 2 small bowel, 3 stomach, the higher label where organs
 overlap. Slices run along the volume's third axis, each transposed in plane (image row = second axis);
 intensities are used as they are when they are whole numbers in 0..65535, else rescaled linearly from
-the volume's min..max (harmless: the model normalises each volume between percentiles). See tfseg.nifti.
+the volume's min..max (harmless: the model normalises each volume between percentiles). See tfseg.serving.nifti.
 
 Normalisation happens over each request, so by default a request is a whole volume: exactly what
 training and evaluate see. --batch-size N sends N context rows per request to serving_default instead

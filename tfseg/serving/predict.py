@@ -9,7 +9,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from tfseg import CLASSES, files, layout, nifti
+from tfseg import CLASSES, files, layout
 from tfseg.data.context import context_rows
 from tfseg.draw import draw_contours, pick_slices, save_grid
 from tfseg.errors import DataError
@@ -20,6 +20,7 @@ from tfseg.kaggle.index import read_index
 from tfseg.kaggle.scans import encode_png, read_scan
 from tfseg.labels import label_map
 from tfseg.layout import SIGNATURE, VOLUME_PROBABILITIES, read_info
+from tfseg.serving import nifti
 from tfseg.serving.api import reason
 
 
@@ -126,7 +127,7 @@ def predict(model: str | Path, data_dir: str | Path, *, split: str | None = None
 def predict_nifti(model: str | Path, scan: str | Path, out: str | Path, *, batch_size: int = 0,
                   overlays: str | Path | None = None) -> np.ndarray:
     """Predict one NIfTI volume and write its label map (tfseg.labels numbers) to `out` on the scan's grid,
-    affine and header (tfseg.nifti: orientation, intensities); returns the masks uint8 [D, H, W, 3]. The
+    affine and header (tfseg.serving.nifti: orientation, intensities); returns the masks uint8 [D, H, W, 3]. The
     scan is checked before the model loads, and nothing is written if anything fails."""
     if not nifti.is_nifti(out):
         raise DataError(f"--out {out}: the label map of a NIfTI scan is a NIfTI file; name it .nii.gz or .nii")
