@@ -23,10 +23,19 @@ import tensorflow as tf
 
 from tests import processes
 from tests.test_export import saved_model, volume_pngs  # noqa: F401  (session-wide tiny export)
-from tfseg import client
+from tfseg import client, layout
 from tfseg.data.context import context_rows
+from tfseg.errors import DataError
 from tfseg.kaggle import index
-from tfseg.serving.client import png_mask, scan_files
+from tfseg.labels import label_map, one_hot
+from tfseg.serving import client as client_lib
+from tfseg.serving.client import (
+    facts_from_signatures,
+    model_offsets,
+    png_mask,
+    read_mask_image,
+    scan_files,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"gRPC (\S+), REST http://(\S+) ")
@@ -64,9 +73,13 @@ def scan_dir(synth_dir, tmp_path_factory):
 
 
 def read_mask(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[..., ::-1]  # BGR -> channels in CLASSES order
-    assert set(np.unique(image)) <= {0, 255}
-    return image // 255
+    """A written mask file (CLASS_COLORS, overlaps resolved) -> 0/1 masks [H, W, 3]."""
+    return read_mask_image(path)
+
+
+def shown(mask: np.ndarray) -> np.ndarray:
+    """What a mask file keeps of a mask: one organ per pixel (tfseg.labels' overlap rule)."""
+    return one_hot(label_map(mask))
 
 
 def test_context_rows_clamp_at_the_ends():
@@ -88,8 +101,9 @@ def test_grpc_and_rest_write_the_served_masks(server, saved_model, scan_dir, tmp
     assert client.main(["grpc", "--url", server["grpc"], "--out", str(tmp_path / "grpc"), str(scan_dir)]) == 0
     assert client.main(["rest", "--url", server["rest"], "--out", str(tmp_path / "rest"),
                         *map(str, files)]) == 0
+    # context rows need the offsets: TF Serving's metadata has K, the export's tfseg.json the offsets
     assert client.main(["rest", "--url", server["rest"], "--out", str(tmp_path / "rows"), "--batch-size", "2",
-                        str(scan_dir)]) == 0
+                        "--model", str(saved_model), str(scan_dir)]) == 0
     printed = capsys.readouterr().out
     assert printed.count(" -> ") == 3 * len(files)
     # what the SavedModel itself answers: the slices sent as one volume (the default), or as context
@@ -103,9 +117,9 @@ def test_grpc_and_rest_write_the_served_masks(server, saved_model, scan_dir, tmp
     assert in_pairs.sum() > 0
     for path, answer, pair_mask in zip(files, expected, in_pairs, strict=True):
         name = f"{path.stem}_mask.png"
-        np.testing.assert_array_equal(read_mask(tmp_path / "grpc" / name), png_mask(answer))
+        np.testing.assert_array_equal(read_mask(tmp_path / "grpc" / name), shown(png_mask(answer)))
         assert (tmp_path / "rest" / name).read_bytes() == (tmp_path / "grpc" / name).read_bytes()
-        np.testing.assert_array_equal(read_mask(tmp_path / "rows" / name), pair_mask)
+        np.testing.assert_array_equal(read_mask(tmp_path / "rows" / name), shown(pair_mask))
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -231,3 +245,65 @@ def test_metadata_over_rest_and_grpc_matches_saved_model_cli(server, saved_model
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://{server['rest']}/v1/models/other/metadata", timeout=60)
     assert missing.value.code == 404
+
+
+FACTS = {"k": 3, "input_size": [64, 64], "offsets": [-2, 0, 2]}
+UNKNOWN = {**FACTS, "offsets": None}  # what TF Serving's metadata tells
+
+
+@pytest.mark.parametrize(("facts", "offsets", "batch_size", "expected"), [
+    (FACTS, None, 0, [-2, 0, 2]),
+    (FACTS, [-2, 0, 2], 2, [-2, 0, 2]),
+    (FACTS, [-1, 0, 1], 0, "--offsets -1,0,1, but model.+trained with offsets -2,0,2"),
+    (FACTS, [-1, 1], 2, "2 slices per row, but model takes K = 3 \\(offsets -2,0,2\\)"),
+    (UNKNOWN, None, 0, None),
+    (UNKNOWN, [-1, 0, 1], 2, [-1, 0, 1]),
+    (UNKNOWN, [0], 0, "1 slices per row, but model takes K = 3;"),
+    (UNKNOWN, None, 2, "gives K = 3, not the offsets"),
+])
+def test_model_offsets_agree_or_name_both(facts, offsets, batch_size, expected):
+    if isinstance(expected, str):
+        with pytest.raises(DataError, match=expected):
+            model_offsets(facts, offsets, "model", batch_size)
+    else:
+        assert model_offsets(facts, offsets, "model", batch_size) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_client_uses_the_model_facts_and_refuses_others(server, saved_model, scan_dir, protocol,  # noqa: F811
+                                                        tmp_path, capsys):
+    url = server[protocol]
+    signature_defs = client_lib.metadata_signatures(protocol, url, "tfseg", 60)
+    info = layout.read_info(saved_model)
+    assert facts_from_signatures(signature_defs) == {"k": len(info["offsets"]), "input_size": info["input_size"],
+                                                     "offsets": None}
+    assert client.main([protocol, "--url", url, "--model", str(saved_model.parent), "--batch-size", "2",
+                        "--out", str(tmp_path / "ok"), str(scan_dir)]) == 0
+    assert "model: K = 3 slices per context row (offsets -2,0,2), model size 64 x 64" in capsys.readouterr().out
+    for extra, named in [(["--model", str(saved_model), "--offsets=-1,0,1"], ["-1,0,1", "-2,0,2"]),
+                         (["--offsets=-1,1"], ["-1,1", "K = 3"]),
+                         (["--batch-size", "2"], ["K = 3", "--model"])]:
+        assert client.main([protocol, "--url", url, "--out", str(tmp_path / "no"), *extra, str(scan_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and all(n in err[0] for n in named), err
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.slow
+def test_wrong_slice_count_gets_one_sentence(server, synth_dir):
+    """A row of 4 slices to a K = 3 model: INVALID_ARGUMENT (HTTP 400) and one sentence, over REST and gRPC."""
+    import grpc
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    _, pngs = volume_pngs(synth_dir)
+    b64 = [{"b64": base64.b64encode(p).decode()} for p in pngs[:4]]
+    status, answer = post(f"http://{server['rest']}/v1/models/tfseg:predict", {"instances": [{"slices": b64}]})
+    expected = ("each row of slices must hold K = 3 PNGs, the slices at offsets -2,0,2 the model was trained with "
+                "(read them from its metadata); the rows of this request hold 4")
+    assert status == 400 and answer["error"] == expected
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="tfseg"))
+    request.inputs["slices"].CopyFrom(tf.make_tensor_proto([pngs[:4]], dtype=tf.string))
+    with grpc.insecure_channel(server["grpc"]) as channel, pytest.raises(grpc.RpcError) as err:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=120)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == expected

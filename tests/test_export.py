@@ -190,12 +190,17 @@ def test_bad_input_is_an_invalid_argument_error(loaded, case):
 
 
 def test_the_signatures_declare_k_and_refuse_another(loaded):
-    """slices is [None, K] (K fixed per model: TF Serving's metadata and saved_model_cli show it)."""
+    """predict_float's scans [None, h, w, K] declare K (TF Serving's metadata and saved_model_cli show it);
+    the PNG rows take any K in their spec, so that another K reaches the graph's one-sentence check."""
+    assert loaded.signatures["predict_float"].structured_input_signature[1]["scans"].shape.as_list() == \
+        [None, 64, 64, K]
     for name in ("serving_default", "masks_png"):
-        spec = loaded.signatures[name].structured_input_signature[1]["slices"]
-        assert spec.shape.as_list() == [None, K]
-    with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError), match="2"):
-        loaded.signatures["serving_default"](slices=tf.constant([[GOOD, GOOD]]))
+        assert loaded.signatures[name].structured_input_signature[1]["slices"].shape.as_list() == [None, None]
+        with pytest.raises(tf.errors.InvalidArgumentError) as err:
+            loaded.signatures[name](slices=tf.constant([[GOOD, GOOD]]))
+        assert reason(err.value.message) == (
+            "each row of slices must hold K = 3 PNGs, the slices at offsets -2,0,2 the model was trained with "
+            "(read them from its metadata); the rows of this request hold 2")
 
 
 @pytest.mark.parametrize("offsets", [(-1, 1), (-2, 0, 2), (0,), (1, -3, 0)])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tfseg"
 # The shared bottom: any module may import these, and they import only each other.
 BOTTOM = {"tfseg", "tfseg.errors", "tfseg.files", "tfseg.layout", "tfseg.cli", "tfseg.config", "tfseg.draw",
-          "tfseg.tflog"}
+          "tfseg.tflog", "tfseg.labels"}
 # Pipeline stages in order: a stage imports the bottom, itself and earlier stages only.
 STAGES = ("kaggle", "records", "data", "model", "training", "evaluation", "serving", "bench")
 COMMAND_RANK = len(STAGES) + 1  # the thin commands at the top (tfseg/train.py, ...) may import anything
@@ -24,7 +24,7 @@ TENSORFLOW_FREE = sorted(BOTTOM) + [
     "tfseg.records.features", "tfseg.records.plan", "tfseg.records.volumes", "tfseg.records.shards",
     "tfseg.records.manifest", "tfseg.records.writer", "tfseg.records.reader", "tfseg.records.inspect",
     "tfseg.data.context", "tfseg.evaluation.metric", "tfseg.evaluation.postprocess", "tfseg.evaluation.submission",
-    "tfseg.evaluation.report", "tfseg.score",
+    "tfseg.evaluation.report", "tfseg.score", "tfseg.serving.nifti",
     "tfseg.make_records", "tfseg.inspect_records", "tfseg.synth", "tfseg.summary", "tfseg.kaggle.constants",
     # every command: its parser loads no TensorFlow, which it imports only once the arguments are checked
     "tfseg.train", "tfseg.cv", "tfseg.evaluate", "tfseg.export", "tfseg.predict", "tfseg.client",

@@ -69,6 +69,27 @@ def draw_contours(scan: np.ndarray, mask: np.ndarray | None, pred: np.ndarray | 
     return image
 
 
+def color_labels(labels: np.ndarray, colors=CLASS_COLORS) -> np.ndarray:
+    """uint8 labels [H, W] (tfseg.labels: 0 background, c + 1 for class c) -> RGB uint8 [H, W, 3]: black
+    background, each organ in its CLASS_COLORS colour (the one table of every tfseg picture)."""
+    table = np.array([(0, 0, 0), *colors], np.uint8)
+    return table[np.asarray(labels)]
+
+
+def labels_from_colors(image: np.ndarray, colors=CLASS_COLORS) -> np.ndarray:
+    """Invert color_labels: RGB uint8 [H, W, 3] -> uint8 labels [H, W] (ValueError on another colour)."""
+    image = np.asarray(image)
+    labels = np.zeros(image.shape[:2], np.uint8)
+    known = np.all(image == 0, axis=-1)
+    for label, color in enumerate(colors, start=1):
+        here = np.all(image == np.array(color, np.uint8), axis=-1)
+        labels[here] = label
+        known |= here
+    if not known.all():
+        raise ValueError("the image has colours other than black and the class colours")
+    return labels
+
+
 def legend_entries(pred: bool = False, classes=CLASSES, colors=CLASS_COLORS) -> list[tuple[str, tuple, str]]:
     """(label, RGB colour, line style) rows of the legend that draw_contours' colours need."""
     rows = [(name.replace("_", " "), tuple(c), "-") for name, c in zip(classes, colors, strict=True)]

@@ -42,6 +42,9 @@ def describe_folds(summary: dict) -> str:
     return text
 
 
+EMPTY_COLOR = "#d65f5f"  # the all-empty prediction's marker in the per-volume score chart
+
+
 def plot_scores(rows: list[dict], path: Path) -> None:
     """Bar chart of per-volume scores (worst first), with the all-empty score of each volume."""
     from matplotlib.figure import Figure
@@ -51,11 +54,13 @@ def plot_scores(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(max(6.0, 0.25 * len(rows) + 2), 4))
     ax = fig.subplots()
     ax.bar(x, [r["score"] for r in rows], color="#4878d0", label="score")
-    ax.scatter(x, [r["empty_score"] for r in rows], color="#d65f5f", marker="_", s=120, zorder=3,
-               label="all-empty prediction")
+    # A filled diamond with a dark edge, not clipped: an all-empty prediction scores 0 on most volumes,
+    # and a flat marker there would hide in the x axis.
+    ax.scatter(x, [r["empty_score"] for r in rows], color=EMPTY_COLOR, marker="D", s=36, edgecolors="#333333",
+               linewidths=0.6, zorder=4, clip_on=False, label="all-empty prediction")
     ax.axhline(np.mean([r["score"] for r in rows]), color="#333333", linestyle="--", linewidth=1, label="mean")
     ax.set_xticks(x, [r["case_day"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylim(0, 1.12)  # room for the legend above the bars
+    ax.set_ylim(-0.04, 1.12)  # room for the markers at 0 below, the legend above the bars
     ax.set_ylabel("leaderboard score of the volume")
     ax.set_title("per-volume score")
     ax.legend(loc="upper left", ncol=3, fontsize=8, frameon=False)

@@ -11,9 +11,12 @@ import numpy as np
 
 from tfseg import files
 from tfseg.data.context import context_rows
+from tfseg.draw import color_labels, labels_from_colors
+from tfseg.errors import DataError
 from tfseg.kaggle.scans import encode_png
-from tfseg.layout import MASKS_PNG, SIGNATURE, VOLUME_SIGNATURE
-from tfseg.serving.api import GRPC_OPTIONS
+from tfseg.labels import label_map, one_hot
+from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE, VOLUME_SIGNATURE
+from tfseg.serving.api import GRPC_OPTIONS, reason
 
 
 class ServingError(RuntimeError):
@@ -60,8 +63,8 @@ def predict_rest(url: str, model_name: str, slices: list, timeout: float, signat
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")
         try:
-            detail = json.loads(detail)["error"]
-        except (ValueError, KeyError, TypeError):
+            detail = reason(json.loads(detail)["error"])
+        except (ValueError, KeyError, TypeError, IndexError):
             pass
         raise ServingError(f"{base} answered HTTP {err.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as err:
@@ -94,14 +97,91 @@ def predict_grpc(url: str, model_name: str, slices: list, timeout: float, signat
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise ServingError(f"{url} answered {err.code().name}: {err.details()}") from None
+            raise ServingError(f"{url} answered {err.code().name}: {reason(err.details() or '')}") from None
     answer = tf.make_ndarray(response.outputs[output])
     return np.stack([png_mask(p) for p in answer]) if output == "masks_png" else answer.astype(np.uint8)
 
 
+def metadata_signatures(protocol: str, url: str, model_name: str, timeout: float) -> dict:
+    """The served model's SignatureDefs as JSON (TF Serving's field names): REST GET
+    /v1/models/NAME/metadata, or gRPC GetModelMetadata(signature_def)."""
+    if protocol == "rest":
+        base = url if url.startswith(("http://", "https://")) else f"http://{url}"
+        try:
+            address = f"{base.rstrip('/')}/v1/models/{model_name}/metadata"
+            with urllib.request.urlopen(address, timeout=timeout) as answer:
+                return json.load(answer)["metadata"]["signature_def"]["signature_def"]
+        except urllib.error.HTTPError as err:
+            raise ServingError(f"{base} answered HTTP {err.code} to the metadata request: "
+                               f"{err.read().decode(errors='replace')}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise ServingError(f"{base}: cannot reach the REST API ({getattr(err, 'reason', err)})") from None
+    import grpc
+    from google.protobuf import json_format
+    from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, prediction_service_pb2_grpc
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest(model_spec=model_pb2.ModelSpec(name=model_name),
+                                                             metadata_field=["signature_def"])
+    with grpc.insecure_channel(url, options=GRPC_OPTIONS) as channel:
+        try:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request,
+                                                                                                   timeout=timeout)
+        except grpc.RpcError as err:
+            raise ServingError(f"{url} answered {err.code().name}: {err.details()}") from None
+    defs = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(defs)
+    return json_format.MessageToDict(defs, preserving_proto_field_name=True)["signature_def"]
+
+
+def facts_from_signatures(signature_defs: dict) -> dict:
+    """{"k", "input_size", "offsets"} from SignatureDefs: predict_float's `scans` [N, h, w, K] gives the
+    model size and K. TF Serving's metadata holds only SignatureDefs, so the offsets are None."""
+    try:
+        dims = signature_defs[PREDICT_FLOAT]["inputs"]["scans"]["tensor_shape"]["dim"]
+        _, height, width, k = (int(d["size"]) for d in dims)
+    except (KeyError, ValueError, TypeError):
+        raise ServingError(f"the served model has no {PREDICT_FLOAT} signature with scans [N, h, w, K]; "
+                           "not a tfseg export (its metadata says what it expects)") from None
+    return {"k": k, "input_size": [height, width], "offsets": None}
+
+
+def facts_from_info(info: dict) -> dict:
+    """{"k", "input_size", "offsets"} from an export's tfseg.json."""
+    return {"k": len(info["offsets"]), "input_size": list(info["input_size"]), "offsets": list(info["offsets"])}
+
+
+def model_offsets(facts: dict, offsets: list[int] | None, where: str, batch_size: int) -> list[int] | None:
+    """The context offsets to build rows with: the model's; a user's `offsets` must agree with them (or,
+    when the model's are unknown, have its K entries). DataError naming both values otherwise."""
+    said = ",".join(map(str, offsets or []))
+    if offsets is not None and len(offsets) != facts["k"]:
+        raise DataError(f"--offsets {said}: {len(offsets)} slices per row, but {where} takes K = {facts['k']}"
+                        + (f" (offsets {','.join(map(str, facts['offsets']))})" if facts["offsets"] else "")
+                        + "; leave --offsets out to use the model's")
+    if offsets is not None and facts["offsets"] is not None and list(offsets) != facts["offsets"]:
+        raise DataError(f"--offsets {said}, but {where} was trained with offsets "
+                        f"{','.join(map(str, facts['offsets']))}; leave --offsets out to use the model's")
+    chosen = facts["offsets"] if facts["offsets"] is not None else offsets
+    if batch_size > 0 and chosen is None:
+        raise DataError(f"--batch-size builds context rows, but {where}'s metadata (TF Serving's SignatureDefs) "
+                        f"gives K = {facts['k']}, not the offsets: pass --model SAVED_MODEL (its tfseg.json) or "
+                        f"--offsets with {facts['k']} values")
+    return chosen
+
+
 def mask_image(mask: np.ndarray) -> np.ndarray:
-    """0/1 mask [H, W, 3] in CLASSES order -> RGB uint8 with 255 where an organ is."""
-    return np.asarray(mask, np.uint8) * np.uint8(255)
+    """0/1 mask [H, W, 3] in CLASSES order -> the picture a person opens: RGB uint8, black background, each
+    organ in tfseg.draw.CLASS_COLORS (large bowel gold, small bowel green, stomach red); where organs
+    overlap the higher tfseg.labels number wins (stomach over small bowel over large bowel)."""
+    return color_labels(label_map(mask))
+
+
+def read_mask_image(path: str | Path) -> np.ndarray:
+    """A written mask file -> 0/1 mask uint8 [H, W, 3] in CLASSES order (overlaps as mask_image resolved them)."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 3:
+        raise ValueError(f"{path}: not an RGB mask PNG")
+    return one_hot(labels_from_colors(image[..., ::-1]))  # cv2 reads BGR
 
 
 def segment(protocol: str, url: str, scans: list[str], offsets, out: str | Path, *, model_name: str = "tfseg",

@@ -17,8 +17,10 @@ from tfseg.evaluation.metric import Scores
 from tfseg.evaluation.postprocess import Postprocess
 from tfseg.kaggle import rle
 from tfseg.kaggle.index import read_index
-from tfseg.kaggle.scans import read_scan
+from tfseg.kaggle.scans import encode_png, read_scan
+from tfseg.labels import label_map
 from tfseg.layout import SIGNATURE, VOLUME_PROBABILITIES, read_info
+from tfseg.serving import nifti
 from tfseg.serving.api import reason
 
 
@@ -81,12 +83,12 @@ def select(table: pd.DataFrame, case_days=None, folds=None, fold_cases: dict | N
     return table
 
 
-def overlay_grid(path: Path, case_day: str, scan_paths: list[str], pred: np.ndarray, truth=None,
-                 count: int = 6) -> None:
-    """Contours of a few slices showing every predicted organ (solid: truth when known, dashed: predicted)."""
+def overlay_grid(path: Path, case_day: str, scans: list, pred: np.ndarray, truth=None, count: int = 6) -> None:
+    """Contours of a few slices showing every predicted organ (solid: truth when known, dashed: predicted).
+    scans: the slices' files, or the slices themselves [H, W]."""
     chosen = pick_slices(pred, count)
-    images = [draw_contours(read_scan(scan_paths[i]), None if truth is None else truth[i], pred[i])
-              for i in chosen]
+    images = [draw_contours(read_scan(scans[i]) if isinstance(scans[i], str | Path) else scans[i],
+                            None if truth is None else truth[i], pred[i]) for i in chosen]
     save_grid(images, [f"{case_day} slice {i + 1}" for i in chosen], path, pred=True)
 
 
@@ -122,6 +124,24 @@ def predict(model: str | Path, data_dir: str | Path, *, split: str | None = None
     return pd.DataFrame(rows, columns=["id", "class", "predicted"]), scores
 
 
+def predict_nifti(model: str | Path, scan: str | Path, out: str | Path, *, batch_size: int = 0,
+                  overlays: str | Path | None = None) -> np.ndarray:
+    """Predict one NIfTI volume and write its label map (tfseg.labels numbers) to `out` on the scan's grid,
+    affine and header (tfseg.serving.nifti: orientation, intensities); returns the masks uint8 [D, H, W, 3]. The
+    scan is checked before the model loads, and nothing is written if anything fails."""
+    if not nifti.is_nifti(out):
+        raise DataError(f"--out {out}: the label map of a NIfTI scan is a NIfTI file; name it .nii.gz or .nii")
+    image = nifti.load(scan)
+    slices = nifti.read_slices(image, scan)
+    serve, info = load_model(model)
+    post = Postprocess.from_info(info, layout.info_path(model))
+    masks = predict_volume(serve, [encode_png(s) for s in slices], info["offsets"], batch_size, post=post,
+                           name=str(scan))
+    nifti.write_label_map(label_map(masks), image, out)
+    if overlays:
+        name = Path(scan).name.removesuffix(".gz").removesuffix(".nii")
+        overlay_grid(Path(overlays) / f"{name}.png", name, list(slices), masks)
+    return masks
 
 
 def write_submission(submission: pd.DataFrame, path: str | Path) -> None:

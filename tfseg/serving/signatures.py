@@ -1,7 +1,8 @@
 """The serving graph: the SavedModel's signatures around one or more float32 Keras models (members).
 
 - `serving_default`: `slices` string [N, K], each a 16-bit greyscale PNG (K = len(data.offsets) context
-  slices, all of one size) -> `probabilities` float32 [N, H, W, 3] and `masks` uint8 [N, H, W, 3] at the
+  slices, all of one size; the spec says [N, ?], predict_float's [N, h, w, K] gives K) -> `probabilities`
+  float32 [N, H, W, 3] and `masks` uint8 [N, H, W, 3] at the
   PNGs' resolution. Decoding, normalisation (over the distinct slices of the whole request, as training
   does over a volume), resizing and the threshold all happen in the graph, with the training code's
   own functions; bad input fails with an InvalidArgumentError naming the problem.
@@ -104,8 +105,11 @@ def decode_slices(slices, offsets, max_image_size: int = MAX_IMAGE_SIZE):
     shape = tf.shape(slices)
     checks = [
         tf.debugging.assert_positive(tf.size(slices), message="the request holds no slices"),
-        tf.debugging.assert_equal(shape[1], num_context, message=(
-            f"each row of `slices` must hold K = {num_context} PNGs, the context slices the model was trained with")),
+        # One sentence and the count sent: a row of another K is a client built for another model.
+        tf.debugging.Assert(tf.equal(shape[1], num_context), [
+            f"each row of slices must hold K = {num_context} PNGs, the slices at offsets "
+            f"{','.join(map(str, offsets))} the model was trained with (read them from its metadata); the "
+            "rows of this request hold", shape[1]]),  # no apostrophes: Assert prints them escaped
     ]
     with tf.control_dependencies(checks):
         checks += check_headers(slices, max_image_size, "[row, slot]")
@@ -201,7 +205,9 @@ def serving_functions(members: list[Member], post: Postprocess, chunk: int = 16,
     def serving_volume(slices):
         return {"masks_png": _encode_masks(volume_probabilities(slices)["masks"])}
 
-    rows = [tf.TensorSpec([None, num_context], tf.string, name="slices")]
+    # Any K in the spec, so that a row of another K reaches the graph's check and its sentence (TF Serving
+    # does not check shapes against the SignatureDef); predict_float's spec tells clients K.
+    rows = [tf.TensorSpec([None, None], tf.string, name="slices")]
     one_volume = [tf.TensorSpec([None], tf.string, name="slices")]
     return {
         SIGNATURE: (predict_png, rows),

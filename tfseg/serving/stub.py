@@ -20,7 +20,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_p
 from tfseg import layout
 from tfseg.errors import DataError
 from tfseg.layout import SIGNATURE
-from tfseg.serving.api import GRPC_OPTIONS
+from tfseg.serving.api import GRPC_OPTIONS, reason
 
 REST_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(:predict|/metadata)?")
 
@@ -81,7 +81,10 @@ class Servable:
         try:
             tensors = {key: tf.constant(value, dtype=specs[key].dtype) for key, value in inputs.items()}
             outputs = fn(**tensors)
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
+        except tf.errors.InvalidArgumentError as err:
+            # TF Serving answers the failing op's message (no Python stack); the stub sends its sentence
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, reason(err.message)) from None
+        except (ValueError, TypeError) as err:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, getattr(err, "message", str(err))) from None
         return {key: value.numpy() for key, value in outputs.items() if not output_filter or key in output_filter}
 
