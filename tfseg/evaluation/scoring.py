@@ -12,9 +12,9 @@ from tqdm import tqdm
 
 from tfseg.config import Config, load_config
 from tfseg.errors import ConfigError, DataError
-from tfseg.evaluation import metric
+from tfseg.evaluation import metric, predictors
 from tfseg.evaluation.postprocess import Postprocess
-from tfseg.evaluation.predictors import Predictor, keras_predictor, predict_volumes, saved_model_predictor
+from tfseg.evaluation.predictors import Predictor, predict_volumes
 from tfseg.evaluation.report import write_report
 from tfseg.layout import RunFolder, read_info, read_manifest
 from tfseg.model.inference import check_tta, parse_tta
@@ -91,12 +91,13 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
         if tta:
             raise ConfigError(f"{model}: a SavedModel keeps the TTA it was exported with ({info.get('tta') or 'none'});"
                               " drop --tta, or export again with it")
-        predict, source = saved_model_predictor(model), Path(model)
+        predict, source = predictors.saved_model_predictor(model), Path(model)
         tta = info.get("tta", [])
     else:
         check_tta(tta, [(str(run_dir), config)], allow_untrained=allow_untrained_tta)
         config, keras_model, source = load_run_model(run_dir)
-        predict = keras_predictor(keras_model, tta)
+        predict = (predictors.keras_volume_predictor(keras_model, config, tta) if config.model.kind == "3d"
+                   else predictors.keras_predictor(keras_model, tta))
     post = Postprocess.from_config(config.train, **(post_overrides or {}))
     rows, summary = evaluate(config, folds, predict, batch_size=batch_size, post=post, limit=limit,
                              empty_dice=empty_dice, hausdorff=hausdorff, progress=progress)
