@@ -9,6 +9,7 @@ from pathlib import Path
 import tensorflow as tf
 from keras import ops
 
+from tfseg import CLASSES
 from tfseg.config import Config, DataConfig
 from tfseg.data import augment
 from tfseg.data.context import context_stack
@@ -303,15 +304,17 @@ def _grid_patches(image, mask, patch) -> tuple[tf.Tensor, tf.Tensor]:
     """A volume [D, h, w, C] and its masks, zero-padded at the ends to whole patches and cut into the
     non-overlapping patches [N, d, h', w', C] of that grid."""
 
-    def cut(volume):
+    patch = list(patch)
+
+    def cut(volume, channels: int):
         size = -(-tf.shape(volume)[:3] // patch) * patch
         volume = tf.pad(volume, tf.concat([tf.stack([tf.zeros([3], tf.int32), size - tf.shape(volume)[:3]], 1),
                                            [[0, 0]]], 0))
         counts = size // patch
-        grid = tf.reshape(volume, [counts[0], patch[0], counts[1], patch[1], counts[2], patch[2], -1])
-        return tf.reshape(tf.transpose(grid, [0, 2, 4, 1, 3, 5, 6]), [-1, *patch, volume.shape[-1]])
+        grid = tf.reshape(volume, [counts[0], patch[0], counts[1], patch[1], counts[2], patch[2], channels])
+        return tf.reshape(tf.transpose(grid, [0, 2, 4, 1, 3, 5, 6]), [-1, *patch, channels])
 
-    return cut(image), cut(mask)
+    return cut(image, 1), cut(mask, len(CLASSES))
 
 
 def validation_pairs(config: Config, folds, batch_size: int) -> tf.data.Dataset:
@@ -319,6 +322,5 @@ def validation_pairs(config: Config, folds, batch_size: int) -> tf.data.Dataset:
     patches of a grid over every volume (zero-padded to whole patches; evaluate scores whole volumes)."""
     if config.model.kind != "3d":
         return eval_dataset(config, folds, batch_size).map(lambda d: (d["image"], d["mask"]))
-    patch = tf.constant(config.data.patch_size)
-    ds = eval_volumes(config, folds).map(lambda d: _grid_patches(d["image"], d["mask"], patch))
+    ds = eval_volumes(config, folds).map(lambda d: _grid_patches(d["image"], d["mask"], config.data.patch_size))
     return ds.unbatch().batch(batch_size).prefetch(AUTOTUNE)
