@@ -266,7 +266,7 @@ def run_3d(records_dir, tmp_path_factory):
                  "augment.rotation_degrees=10", "train.window_batch=2"]
     argv = ["--config", str(SMOKE), "--records", str(records_dir), "--run-dir", str(run), "--no-progress"]
     assert cli.run(train.main, [*argv, *(f"--set={o}" for o in overrides)]) == 0
-    assert cli.run(evaluate.main, ["--run", str(run), "--no-progress"]) == 0
+    assert cli.run(evaluate.main, ["--run", str(run), "--limit", "2", "--no-progress"]) == 0
     return run
 
 
