@@ -334,3 +334,12 @@ def test_gpu3d_recipe_takes_steps_at_its_real_size():
           f"{time.monotonic() - start:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
     assert np.isfinite(losses).all()
     assert peak < 20 * 2**30
+
+
+def test_3d_models_train_in_float32_on_the_cpu():
+    """TensorFlow's CPU bf16 Conv3D kernel gradients are non-finite for 2-voxel-deep inputs (a 3D UNet's
+    deepest stages): auto picks float32 there, mixed_bfloat16 is refused naming the key."""
+    assert strategy.resolve_precision("auto", "cpu", "3d") == "float32"
+    assert strategy.resolve_precision("mixed_float16", "gpu", "3d") == "mixed_float16"
+    with pytest.raises(ConfigError, match="train.precision"):
+        strategy.resolve_precision("mixed_bfloat16", "cpu", "3d")

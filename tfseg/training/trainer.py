@@ -57,7 +57,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     kind = strategy_lib.device_kind(strategy)
     resolved = copy.deepcopy(config)
     resolved.train.strategy = strategy_lib.resolve_name(t.strategy, t.tpu, t.cpu_replicas)
-    resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind)
+    resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind, config.model.kind)
     resolved.train.jit_compile = strategy_lib.resolve_jit_compile(t.jit_compile, kind, precision)
     resolved.model.norm = resolve_norm(config.model.norm, config.data.batch_size, strategy.num_replicas_in_sync)
     chief = strategy_lib.is_chief(strategy)
