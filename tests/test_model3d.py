@@ -260,11 +260,12 @@ def test_a_patch_larger_than_the_volume_is_an_error(window_model):
 
 @pytest.fixture(scope="module")
 def run_3d(records_dir, tmp_path_factory):
-    """A tiny 3D run trained (2 epochs of 3 steps) and evaluated through the commands."""
+    """A tiny 3D run trained to a time budget (2 epochs in 40 s) and evaluated through the commands."""
     run = tmp_path_factory.mktemp("run3d") / "run"
-    overrides = [*TINY_3D, "train.epochs=2", "train.steps_per_epoch=3", "augment.enabled=true",
-                 "augment.rotation_degrees=10", "train.window_batch=2"]
-    argv = ["--config", str(SMOKE), "--records", str(records_dir), "--run-dir", str(run), "--no-progress"]
+    overrides = [*TINY_3D, "train.epochs=2", "augment.enabled=true", "augment.rotation_degrees=10",
+                 "train.window_batch=2"]
+    argv = ["--config", str(SMOKE), "--records", str(records_dir), "--run-dir", str(run), "--no-progress",
+            "--budget-minutes", "0.67"]
     assert cli.run(train.main, [*argv, *(f"--set={o}" for o in overrides)]) == 0
     assert cli.run(evaluate.main, ["--run", str(run), "--limit", "2", "--no-progress"]) == 0
     return run
@@ -273,6 +274,7 @@ def run_3d(records_dir, tmp_path_factory):
 def test_a_3d_run_trains_and_evaluate_scores_whole_volumes(run_3d):
     history = (run_3d / "history.csv").read_text().splitlines()
     assert len(history) == 3 and "val_dice" in history[0]
+    assert load_config(run_3d / "config.yaml").train.steps_per_epoch >= 1  # the budget's plan
     summary = json.loads((RunFolder(run_3d).eval_dir / EVAL_SUMMARY).read_text())
     assert summary["num_volumes"] >= 1 and 0 <= summary["score"] <= 1 and summary["folds"] == [0]
     model = keras.models.load_model(RunFolder(run_3d).final_model, compile=False)
@@ -292,6 +294,7 @@ def test_evaluate_refuses_volumes_shorter_than_the_patch(run_3d, records_dir, tm
     assert not (other / "eval").exists()
 
 
+@pytest.mark.slow  # ~2 min: cv evaluates every volume of the fold at the scans' own size
 def test_cv_runs_a_3d_config(records_dir, tmp_path):
     overrides = [*TINY_3D, "train.epochs=1", "train.steps_per_epoch=2", "train.image_log_every=0"]
     argv = ["--config", str(SMOKE), "--records", str(records_dir), "--folds", "1", "--out", str(tmp_path / "cv"),
