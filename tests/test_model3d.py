@@ -3,8 +3,6 @@ one geometry per patch, sliding-window inference, the checks of 3D configs, and 
 and evaluated through the commands, and through tfseg.cv."""
 
 import json
-import resource
-import time
 from pathlib import Path
 
 import keras
@@ -18,13 +16,10 @@ from tfseg.data import augment
 from tfseg.data import pipeline as data
 from tfseg.errors import ConfigError
 from tfseg.layout import EVAL_SUMMARY, RunFolder
-from tfseg.model.build import build_loss, build_model
 from tfseg.model.sliding_window import gaussian_weights, sliding_window_probabilities, window_starts
 from tfseg.model.unet import logits_model
 from tfseg.model.unet3d import build_unet3d, pool_sizes, slice_presence
 from tfseg.training import strategy
-from tfseg.training.optimizer import make_optimizer
-from tfseg.training.steps import Steps
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -302,41 +297,6 @@ def test_cv_runs_a_3d_config(records_dir, tmp_path):
     assert cli.run(cv.main, argv) == 0
     summary = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert list(summary["folds"]) == ["1"] and 0 <= summary["out_of_fold"]["score"] <= 1
-
-
-# ---- the GPU recipe at its real size --------------------------------------------------------------
-
-@pytest.mark.slow
-def test_gpu3d_recipe_takes_steps_at_its_real_size():
-    """configs/gpu3d.yaml's model at its real patch size, batch 1, float32 on the CPU: a few steps through
-    the real step code; prints the peak memory."""
-    config = load_config(ROOT / "configs" / "gpu3d.yaml", ["data.batch_size=1", "train.precision=float32",
-                                                           "train.warmup_epochs=0"])
-    patch = tuple(config.data.patch_size)
-    start = time.monotonic()
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        default = strategy.make_strategy("default")
-        with default.scope():
-            model = build_model(config)
-            optimizer = make_optimizer(config.train, 10, "float32")
-            optimizer.build(model.trainable_variables)
-        steps = Steps(default, model, optimizer, build_loss(config), 1, config)
-        rng = np.random.default_rng(0)
-        x = rng.random((1, *patch, 1), dtype=np.float32)
-        y = np.zeros((1, *patch, 3), np.float32)
-        d, h, w = patch
-        y[0, d // 4:d // 2, h // 4:h // 2, w // 4:w // 2, 0] = y[0, d // 2:, h // 2:, w // 3:w // 2, 1] = 1
-        batches = iter(default.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)).repeat()))
-        losses = [float(steps.train_step(batches)) for _ in range(3)]
-    finally:
-        keras.config.set_dtype_policy(previous)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"gpu3d.yaml patch {patch}, batch 1, float32 on CPU: {model.count_params():,} parameters, losses {losses}, "
-          f"{time.monotonic() - start:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
-    assert np.isfinite(losses).all()
-    assert peak < 20 * 2**30
 
 
 def test_3d_models_train_in_float32_on_the_cpu():
