@@ -181,7 +181,7 @@ def finish_batch(images, packed_masks, seed, config: AugmentConfig):
     The same function runs in the input pipeline (augment.device: host) or in the replica's train step
     (accelerator): same seed, same batch. A 3D batch (patches [B, D, H, W, 1]) gets one geometry per
     patch, the same for all its slices."""
-    if images.shape.rank == 5:
+    if len(images.shape) == 5:
         shape = tf.shape(images)
         flat = [tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)) for t in (images, packed_masks)]
         x, packed_masks = augment_batch(*flat, config, seed, 1 / QUANT, group=images.shape[1])
