@@ -32,6 +32,10 @@ class DataConfig:
     deterministic: bool = False  # fixed order and seeds: same batches every run
     cache: str = "none"  # none | memory: keep the decoded, resized volumes in RAM after the first epoch
     seed: int = 0
+    # model.kind 3d only: training patches [D, H, W] cut from the resized volumes (H, W at most image_size)
+    patch_size: tuple[int, int, int] | None = None
+    foreground_fraction: float = 0.33  # 3d: share of patches centred on a random voxel of a present organ
+    patches_per_volume: int = 4  # 3d: patches cut from each volume read (one decode, several patches)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "2.5d"  # 2.5d: a 2D UNet on stacked context slices | 3d: a 3D UNet on patches (data.patch_size)
     depth: int = 4
     base_filters: int = 32
     block: str = "residual"  # plain | residual
@@ -64,6 +69,7 @@ class ModelConfig:
     encoder_weights: str | None = None  # null | imagenet (needs a download) | a local .h5 / .weights.h5 file
     presence_head: bool = False  # a per-class "organ on this slice" output, for empty-slice gating
     coord_channels: bool = False  # append each pixel's row and column to the scans (built-in encoder)
+    z_pools: int = 2  # 3d: how many of the deepest stages also pool along z (the others pool in-plane only)
 
 
 @dataclass
@@ -105,6 +111,8 @@ class TrainConfig:
     presence_threshold: float = 0.5  # with model.presence_head: zero a class on slices below this presence
     min_pixels: int = 0  # pixel rule (0: off): zero a class on a slice unless more than this many pixels ...
     min_pixel_probability: float = 0.5  # ... have at least this probability
+    window_overlap: float = 0.5  # 3d inference: overlap of the sliding windows (share of the patch)
+    window_batch: int = 4  # 3d inference: windows per model call (bounds the memory, not the result)
 
 
 @dataclass
@@ -121,6 +129,7 @@ CHOICES = {
     "data.interpolation": ("bilinear", "area"),
     "data.cache": ("none", "memory"),
     "augment.device": ("host", "accelerator"),
+    "model.kind": ("2.5d", "3d"),
     "model.block": ("plain", "residual"),
     "model.norm": ("auto", "batch", "sync_batch", "group", "none"),
     "model.upsample": ("transpose", "resize"),
@@ -205,8 +214,8 @@ def validate(config: Config) -> Config:
     d, t = config.data, config.train
     checks = [
         (all(s >= 32 for s in d.image_size), "data.image_size", "sizes must be at least 32"),
-        (all(s % (2 ** config.model.depth) == 0 for s in d.image_size), "data.image_size",
-         f"sizes must be divisible by 2**model.depth = {2 ** config.model.depth}"),
+        (config.model.kind == "3d" or all(s % (2 ** config.model.depth) == 0 for s in d.image_size),
+         "data.image_size", f"sizes must be divisible by 2**model.depth = {2 ** config.model.depth}"),
         (len(d.offsets) >= 1 and len(set(d.offsets)) == len(d.offsets), "data.offsets",
          "needs at least one offset and no repeats"),
         (0 <= d.clip_percentiles[0] < d.clip_percentiles[1] <= 100, "data.clip_percentiles",
@@ -231,11 +240,45 @@ def validate(config: Config) -> Config:
         (0 <= t.min_pixel_probability < 1, "train.min_pixel_probability", "must be in [0, 1)"),
         (config.loss.presence_weight >= 0, "loss.presence_weight", "must be >= 0"),
         (t.cpu_replicas >= 0, "train.cpu_replicas", "must be >= 0"),
+        (0 <= t.window_overlap < 1, "train.window_overlap", "must be in [0, 1)"),
+        (t.window_batch >= 1, "train.window_batch", "must be >= 1"),
+        (0 <= d.foreground_fraction <= 1, "data.foreground_fraction", "must be in [0, 1]"),
+        (d.patches_per_volume >= 1, "data.patches_per_volume", "must be >= 1"),
     ]
+    checks += _checks_3d(config) if config.model.kind == "3d" else [
+        (d.patch_size is None, "data.patch_size", "is for model.kind 3d only; set it to null")]
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
     return config
+
+
+def _checks_3d(config: Config) -> list[tuple[bool, str, str]]:
+    """What model.kind 3d needs, and the 2.5D settings it refuses (each check names its key)."""
+    d, m = config.data, config.model
+    if d.patch_size is None:
+        return [(False, "data.patch_size", "model.kind 3d needs the training patch size [D, H, W]")]
+    depth, height, width = d.patch_size
+    z_factor, xy_factor = 2 ** m.z_pools, 2 ** m.depth
+    not_3d = "is not supported with model.kind 3d"
+    return [
+        (0 <= m.z_pools <= m.depth, "model.z_pools", f"must be in 0..model.depth ({m.depth})"),
+        (depth >= 1 and depth % z_factor == 0, "data.patch_size",
+         f"D = {depth} must be a positive multiple of 2**model.z_pools = {z_factor}"),
+        (all(s >= 1 and s % xy_factor == 0 for s in (height, width)), "data.patch_size",
+         f"H and W must be positive multiples of 2**model.depth = {xy_factor}"),
+        (height <= d.image_size[0] and width <= d.image_size[1], "data.patch_size",
+         f"H, W = {height}, {width} must fit in data.image_size {list(d.image_size)} (patches are cut after the "
+         "in-plane resize)"),
+        (m.encoder is None, "model.encoder", f"{m.encoder!r} {not_3d} (keras.applications encoders are 2D)"),
+        (m.encoder_weights is None, "model.encoder_weights", not_3d),
+        (not m.presence_head, "model.presence_head", f"{not_3d}: per-slice presence is the max of the slice's "
+         "probabilities (tfseg.model.unet3d.slice_presence)"),
+        (not m.coord_channels, "model.coord_channels", not_3d),
+        (tuple(d.offsets) == DataConfig().offsets, "data.offsets",
+         f"{not_3d}: a 3D model sees its neighbours in the patch; leave the default {list(DataConfig().offsets)}"),
+        (d.keep_empty == 1, "data.keep_empty", f"{not_3d}: 3D patches are sampled with data.foreground_fraction"),
+    ]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

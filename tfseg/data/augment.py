@@ -134,24 +134,30 @@ def has_geometry(config: AugmentConfig) -> bool:
                 or config.scale or config.shift or config.grid_distortion > 0)
 
 
-def augment_batch(images, masks, config: AugmentConfig, seed, scale: float = 1.0):
+def augment_batch(images, masks, config: AugmentConfig, seed, scale: float = 1.0, group: int = 1):
     """images [B, H, W, C] (any number type), masks [B, H, W, K] of 0/1 (any dtype), seed int [2] ->
     (float32 images * scale, masks) with the same geometry applied to both (masks keep their shape and
-    dtype and stay exactly 0/1), then coarse dropout on the scan."""
+    dtype and stay exactly 0/1), then coarse dropout on the scan. Each run of `group` consecutive
+    examples (the slices of a 3D patch) shares one draw of geometry and holes."""
     if images.dtype != tf.float32 or scale != 1:
         images = _scaled(images, scale)
     if not config.enabled:
         return images, masks
     seeds = tf.random.experimental.stateless_split(seed, 9)
     shape = tf.shape(images)
-    n, height, width = shape[0], shape[1], shape[2]
+    n, height, width = shape[0] // group, shape[1], shape[2]
+
+    def shared(draws):
+        return draws if group == 1 else tf.repeat(draws, group, axis=0)
+
     if has_geometry(config):
         transforms = affine_transforms(config, n, height, width, seeds[:6])
         rows = grid_coordinates(config.grid_distortion, n, height, seeds[6])
         cols = grid_coordinates(config.grid_distortion, n, width, seeds[7])
-        images, masks = warp(images, masks, transforms, rows, cols)
+        images, masks = warp(images, masks, shared(transforms), shared(rows), shared(cols))
     if config.dropout_holes > 0:
-        images = _cut_holes(images, *_holes(n, height, width, config.dropout_holes, config.dropout_size, seeds[8]))
+        top, left, hole_h, hole_w = _holes(n, height, width, config.dropout_holes, config.dropout_size, seeds[8])
+        images = _cut_holes(images, shared(top), shared(left), hole_h, hole_w)
     return images, masks
 
 
@@ -173,7 +179,13 @@ def finish_batch(images, packed_masks, seed, config: AugmentConfig):
     """A training batch as the pipeline holds it (scans uint16 [B, H, W, C], packed masks uint8
     [B, H, W, 1]) -> the model's (x float32 in [0, 1], y float32 [B, H, W, 3]), augmented with `seed`.
     The same function runs in the input pipeline (augment.device: host) or in the replica's train step
-    (accelerator): same seed, same batch."""
+    (accelerator): same seed, same batch. A 3D batch (patches [B, D, H, W, 1]) gets one geometry per
+    patch, the same for all its slices."""
+    if len(images.shape) == 5:
+        shape = tf.shape(images)
+        flat = [tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)) for t in (images, packed_masks)]
+        x, packed_masks = augment_batch(*flat, config, seed, 1 / QUANT, group=images.shape[1])
+        return tf.reshape(x, shape), unpack_masks(tf.reshape(packed_masks, shape))
     x, packed_masks = augment_batch(images, packed_masks, config, seed, 1 / QUANT)
     return x, unpack_masks(packed_masks)
 

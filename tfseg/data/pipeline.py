@@ -1,5 +1,6 @@
-"""tf.data input pipelines from the TFRecords: endless augmented 2.5D training batches (shuffled, sharded per
-input pipeline) and the ordered evaluation stream that reassembles into volumes."""
+"""tf.data input pipelines from the TFRecords: endless augmented training batches (2.5D slices, or 3D patches
+for model.kind 3d; shuffled, sharded per input pipeline), the ordered evaluation stream that reassembles into
+volumes, whole volumes for 3D inference, and what the training loop validates on."""
 
 import random
 import warnings
@@ -8,6 +9,7 @@ from pathlib import Path
 import tensorflow as tf
 from keras import ops
 
+from tfseg import CLASSES
 from tfseg.config import Config, DataConfig
 from tfseg.data import augment
 from tfseg.data.context import context_stack
@@ -85,6 +87,50 @@ def _random_crop(index, image, mask, size, base: int, pipeline: int):
             tf.slice(mask, tf.concat([corner, [0]], 0), [size[0], size[1], -1]))
 
 
+def _pad_to(volume, size) -> tf.Tensor:
+    """volume [D, H, W, ...] zero-padded (evenly on both sides) to at least `size` (D, H, W)."""
+    need = tf.maximum(tf.constant(size, tf.int32) - tf.shape(volume)[:3], 0)
+    pads = tf.stack([need // 2, need - need // 2], axis=1)
+    return tf.pad(volume, tf.concat([pads, tf.zeros([volume.shape.rank - 3, 2], tf.int32)], 0))
+
+
+def _patch_corner(mask, present, room, patch, foreground_fraction: float, seed) -> tf.Tensor:
+    """int32 [3] corner of one patch: with probability foreground_fraction (and an organ in the volume)
+    centred on a random voxel of a random present class (nnU-Net's foreground oversampling), else
+    anywhere. mask packed uint8 [D, H, W, 1], present bool [K], room = volume size - patch."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    anywhere = tf.random.stateless_uniform([3], seeds[0], maxval=tf.int32.max, dtype=tf.int32) % (room + 1)
+
+    def on_organ():
+        choice = tf.random.stateless_categorical(tf.where(present, 0.0, -1e9)[None], 1, seeds[1])[0, 0]
+        bit = tf.gather(tf.constant(augment.BITS, tf.uint8), choice)
+        voxels = tf.cast(tf.where(tf.bitwise.bitwise_and(mask[..., 0], bit) > 0), tf.int32)
+        pick = tf.random.stateless_uniform([], seeds[2], maxval=tf.shape(voxels)[0], dtype=tf.int32)
+        return tf.clip_by_value(voxels[pick] - tf.constant(patch) // 2, 0, room)
+
+    wanted = tf.random.stateless_uniform([], seeds[3]) < foreground_fraction
+    return tf.cond(wanted & tf.reduce_any(present), on_organ, lambda: anywhere)
+
+
+def _volume_patches(index, image, mask, config: Config, base: int, pipeline: int):
+    """A prepared volume (uint16 [D, h, w], packed masks uint8 [D, h, w, 1]) -> data.patches_per_volume
+    training patches with this epoch's intensity draw: uint16 [P, d, h, w, 1], packed masks [P, d, h, w, 1].
+    Volumes smaller than the patch are zero-padded."""
+    data, patch = config.data, list(config.data.patch_size)
+    image = augment.augment_volume(image, config.augment, _seed(base, STAGE_INTENSITY, pipeline, index))
+    image, mask = _pad_to(image[..., None], patch), _pad_to(mask, patch)
+    room = tf.shape(image)[:3] - tf.constant(patch)
+    present = tf.reduce_any(augment.unpack_masks(mask, tf.bool), axis=[0, 1, 2])
+    seeds = tf.random.experimental.stateless_split(_seed(base, STAGE_CROP, pipeline, index), data.patches_per_volume)
+
+    def cut(seed):
+        corner = tf.concat([_patch_corner(mask, present, room, patch, data.foreground_fraction, seed), [0]], 0)
+        return tf.slice(image, corner, [*patch, 1]), tf.slice(mask, corner, [*patch, 1])
+
+    return tf.map_fn(cut, seeds, fn_output_signature=(tf.TensorSpec([*patch, 1], tf.uint16),
+                                                      tf.TensorSpec([*patch, 1], tf.uint8)))
+
+
 def _volume_records(files: list[str], data: DataConfig, input_context, base: int) -> tf.data.Dataset:
     """Serialized volumes, one pass: files (per input pipeline) sharded and shuffled, read interleaved."""
     pipelines = input_context.num_input_pipelines if input_context else 1
@@ -128,6 +174,7 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
     augment.device host: (x, y), x float32 [B, h, w, C] in [0, 1], y float32 [B, h, w, 3] of 0/1.
     augment.device accelerator: (scans uint16 [B, h, w, C], packed masks uint8 [B, h, w, 1], seed int64
     [2]), which augment.finish_batch turns into the same (x, y) inside the train step.
+    model.kind 3d: the same with patches, [B, d, h, w, 1] for [B, h, w, C] (d, h, w = data.patch_size).
     """
     data = config.data
     files = reader.shard_files(data.records, folds)
@@ -136,19 +183,21 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
     pipeline = input_context.input_pipeline_id if input_context else 0
     # Deterministic runs take every seed from the config; otherwise a fresh one per dataset.
     base = data.seed if data.deterministic else random.SystemRandom().randrange(2**31)
-    channels, height, width = len(data.offsets), *data.image_size
+    is_3d = config.model.kind == "3d"
+    example = [*data.patch_size, 1] if is_3d else [*data.image_size, len(data.offsets)]
 
     ds = _volume_records(files, data, input_context, base)
     ds = ds.map(lambda s: _prepare_volume(s, data), num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
     if data.cache == "memory":
         ds = ds.cache().shuffle(CACHED_VOLUME_SHUFFLE, seed=base + pipeline, reshuffle_each_iteration=True)
     ds = ds.repeat().enumerate()
-    ds = ds.map(lambda i, volume: _epoch_volume(i, *volume, config, base, pipeline), num_parallel_calls=AUTOTUNE,
+    cut = _volume_patches if is_3d else _epoch_volume
+    ds = ds.map(lambda i, volume: cut(i, *volume, config, base, pipeline), num_parallel_calls=AUTOTUNE,
                 deterministic=data.deterministic)
-    # Cut volumes into slices, alternating between a few volumes, then shuffle slices across volumes.
+    # Cut volumes into slices (or patches), alternating between a few volumes, then shuffle across volumes.
     ds = ds.interleave(lambda image, mask: tf.data.Dataset.from_tensor_slices((image, mask)),
                        cycle_length=VOLUME_CYCLE, block_length=1)
-    if data.resize == "pad_crop":
+    if data.resize == "pad_crop" and not is_3d:
         ds = ds.enumerate().map(lambda i, xy: _random_crop(i, *xy, data.image_size, base, pipeline),
                                 num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
     ds = ds.shuffle(data.shuffle_buffer, seed=base + pipeline, reshuffle_each_iteration=True)
@@ -156,8 +205,8 @@ def train_dataset(config: Config, folds, *, input_context: tf.distribute.InputCo
 
     def batch_seed(index, batch_xy):
         image, mask = batch_xy
-        image = tf.ensure_shape(image, [batch, height, width, channels])
-        return image, tf.ensure_shape(mask, [batch, height, width, 1]), _seed(base, STAGE_AUGMENT, pipeline, index)
+        image = tf.ensure_shape(image, [batch, *example])
+        return image, tf.ensure_shape(mask, [batch, *example[:-1], 1]), _seed(base, STAGE_AUGMENT, pipeline, index)
 
     ds = ds.enumerate().map(batch_seed)
     if config.augment.device == "host":
@@ -189,10 +238,33 @@ def count_slices(records_dir, folds, keep_empty: float = 1.0) -> int:
     return int(round(int(total) - int(empty) * (1 - keep_empty)))
 
 
+def count_examples(config: Config, folds) -> int:
+    """Training examples per epoch: slices (count_slices), or for 3D data.patches_per_volume per volume."""
+    if config.model.kind != "3d":
+        return count_slices(config.data.records, folds, config.data.keep_empty)
+    files = set(reader.shard_files(config.data.records, folds))
+    volumes = sum(int(s["volumes"]) for s in read_manifest(config.data.records)["shards"]
+                  if str(Path(config.data.records) / s["path"]) in files)
+    return volumes * config.data.patches_per_volume
+
+
+def count_validation_examples(config: Config, folds) -> int:
+    """What validation_pairs yields for `folds`: slices, or for 3D the grid patches of every volume."""
+    if config.model.kind != "3d":
+        return count_slices(config.data.records, folds)
+    ds = tf.data.TFRecordDataset(reader.shard_files(config.data.records, folds))
+    depths = ds.map(lambda s: tf.size(features.parse_volume(s)["slices"]), num_parallel_calls=AUTOTUNE)
+    patch, size = config.data.patch_size, config.data.image_size
+    in_plane = -(-size[0] // patch[1]) * -(-size[1] // patch[2])
+    return sum(-(-int(depth) // patch[0]) for depth in depths) * in_plane
+
+
 # ---- evaluation stream ----------------------------------------------------------------------------
 
-def _eval_volume(serialized, data: DataConfig) -> dict:
-    """One record -> per-slice tensors (leading axis D) with everything needed to rebuild the volume."""
+def _eval_volume(serialized, config: Config) -> dict:
+    """One record -> per-slice tensors (leading axis D) with everything needed to rebuild the volume; the
+    image is the 2.5D stack [D, h, w, C], or for 3D the volume [D, h, w, 1]."""
+    data = config.data
     ex = features.decode_volume(serialized)
     depth, height, width = tf.unstack(tf.shape(ex["image"]))
     image = resize_images(normalize(ex["image"], data.clip_percentiles)[..., None], data.image_size, data)
@@ -201,7 +273,7 @@ def _eval_volume(serialized, data: DataConfig) -> dict:
         return tf.fill([depth], tf.cast(value, tf.int32) if value.dtype.is_integer else value)
 
     return {
-        "image": context_stack(image[..., 0], data.offsets),
+        "image": image if config.model.kind == "3d" else context_stack(image[..., 0], data.offsets),
         "mask": resize_masks(ex["mask"], data.image_size, data),
         "case_day": per_slice(ex["case_day"]),
         "slice": tf.cast(ex["slices"], tf.int32),
@@ -212,13 +284,43 @@ def _eval_volume(serialized, data: DataConfig) -> dict:
     }
 
 
+def eval_volumes(config: Config, folds) -> tf.data.Dataset:
+    """One dict per volume, in record order, each value with a leading axis D (see eval_dataset); for 3D
+    its image float32 [D, h, w, 1] is what whole-volume inference takes."""
+    ds = tf.data.TFRecordDataset(reader.shard_files(config.data.records, folds))
+    ds = ds.map(lambda s: _eval_volume(s, config), num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Evaluation must see every volume whole and in order: never let tf.distribute shard it.
+    return ds.prefetch(2).with_options(_options(True, sharded_here=True))
+
+
 def eval_dataset(config: Config, folds, batch_size: int) -> tf.data.Dataset:
     """Batches of dicts, volumes in record order and slices in order: image float32 [B, h, w, C], mask
     uint8 [B, h, w, 3] (resized), case_day, slice (number), index (0-based), depth, orig_height,
     orig_width. Predictions regroup by (case_day, index) and go back to size with restore_size."""
-    data = config.data
-    ds = tf.data.TFRecordDataset(reader.shard_files(data.records, folds))
-    ds = ds.map(lambda s: _eval_volume(s, data), num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.unbatch().batch(batch_size).prefetch(AUTOTUNE)
-    # Evaluation must see every volume whole and in order: never let tf.distribute shard it.
-    return ds.with_options(_options(True, sharded_here=True))
+    return eval_volumes(config, folds).unbatch().batch(batch_size).prefetch(AUTOTUNE)
+
+
+def _grid_patches(image, mask, patch) -> tuple[tf.Tensor, tf.Tensor]:
+    """A volume [D, h, w, C] and its masks, zero-padded at the ends to whole patches and cut into the
+    non-overlapping patches [N, d, h', w', C] of that grid."""
+
+    patch = list(patch)
+
+    def cut(volume, channels: int):
+        size = -(-tf.shape(volume)[:3] // patch) * patch
+        volume = tf.pad(volume, tf.concat([tf.stack([tf.zeros([3], tf.int32), size - tf.shape(volume)[:3]], 1),
+                                           [[0, 0]]], 0))
+        counts = size // patch
+        grid = tf.reshape(volume, [counts[0], patch[0], counts[1], patch[1], counts[2], patch[2], channels])
+        return tf.reshape(tf.transpose(grid, [0, 2, 4, 1, 3, 5, 6]), [-1, *patch, channels])
+
+    return cut(image, 1), cut(mask, len(CLASSES))
+
+
+def validation_pairs(config: Config, folds, batch_size: int) -> tf.data.Dataset:
+    """(scans, masks) batches that training validates on: every slice (eval_dataset), or for 3D the
+    patches of a grid over every volume (zero-padded to whole patches; evaluate scores whole volumes)."""
+    if config.model.kind != "3d":
+        return eval_dataset(config, folds, batch_size).map(lambda d: (d["image"], d["mask"]))
+    ds = eval_volumes(config, folds).map(lambda d: _grid_patches(d["image"], d["mask"], config.data.patch_size))
+    return ds.unbatch().batch(batch_size).prefetch(AUTOTUNE)

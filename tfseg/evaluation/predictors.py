@@ -1,5 +1,6 @@
 """Probabilities for whole volumes from a Keras model or a SavedModel, in record order and at each
-scan's original size: what evaluate scores."""
+scan's original size: what evaluate scores. 2.5D models are called on batches of slices, 3D models on
+whole volumes through sliding windows (tfseg.model.sliding_window)."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -8,15 +9,16 @@ import numpy as np
 import tensorflow as tf
 
 from tfseg.config import Config
-from tfseg.data.pipeline import eval_dataset
+from tfseg.data.pipeline import eval_dataset, eval_volumes
 from tfseg.data.preprocess import restore_size
 from tfseg.errors import DataError
 from tfseg.layout import PREDICT_FLOAT, VOLUME_PROBABILITIES
-from tfseg.model.inference import averaged
+from tfseg.model.inference import averaged, averaged_volume
 from tfseg.records.features import parse_volume
 from tfseg.records.reader import shard_files
 
-# scans [B, h, w, K] -> probabilities [B, h, w, 3], or (probabilities, presence [B, 3] or None)
+# scans [B, h, w, K] -> probabilities [B, h, w, 3], or (probabilities, presence [B, 3] or None);
+# for 3D models a volume [D, h, w, 1] -> probabilities [D, h, w, 3]
 Predictor = Callable[[tf.Tensor], np.ndarray | tuple[np.ndarray, np.ndarray | None]]
 
 
@@ -29,6 +31,16 @@ def keras_predictor(models, tta=()) -> Predictor:
         return probabilities.numpy(), None if presence is None else presence.numpy()
 
     return predict
+
+
+def keras_volume_predictor(models, config: Config, tta=()) -> Predictor:
+    """For 3D runs: a volume float32 [D, h, w, 1] -> probabilities [D, h, w, 3], the average of the Keras
+    models (and their `tta` flips) over sliding windows of data.patch_size (model.inference.averaged_volume)."""
+    d, t = config.data, config.train
+    volume_probabilities = averaged_volume(models if isinstance(models, list | tuple) else [models], d.patch_size,
+                                           tta=tta, overlap=t.window_overlap, window_batch=t.window_batch)
+    call = tf.function(volume_probabilities, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+    return lambda volume: call(volume).numpy()
 
 
 def load_signature(path: str | Path, name: str):
@@ -70,6 +82,9 @@ def predict_volumes(config: Config, folds, predict: Predictor, batch_size: int =
                     ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     """(case_day, probabilities float32 [D, H, W, 3] at the original size, presence [D, 3] or None) per
     volume, in record order."""
+    if config.model.kind == "3d":
+        yield from _predict_whole_volumes(config, folds, predict)
+        return
     parts: dict[str, list] = {}
     for batch in eval_dataset(config, folds, batch_size):
         out = predict(batch["image"])
@@ -92,3 +107,15 @@ def predict_volumes(config: Config, folds, predict: Predictor, batch_size: int =
                        volume_presence if volume_presence.shape[-1] else None)
     if parts:
         raise DataError(f"{config.data.records}: incomplete volume(s) in the evaluation stream: {', '.join(parts)}")
+
+
+def _predict_whole_volumes(config: Config, folds, predict: Predictor):
+    """predict_volumes for 3D models: one call per whole volume; no presence (a 3D model has no presence head)."""
+    patch_depth = config.data.patch_size[0]
+    for volume in eval_volumes(config, folds):
+        name, depth = volume["case_day"][0].numpy().decode(), int(volume["depth"][0])
+        if depth < patch_depth:
+            raise DataError(f"{config.data.records}: {name} has {depth} slices, fewer than the patch's "
+                            f"{patch_depth} (data.patch_size): whole-volume inference needs at least one window")
+        orig_hw = (int(volume["orig_height"][0]), int(volume["orig_width"][0]))
+        yield name, np.asarray(restore_size(predict(volume["image"]), orig_hw, config.data)), None

@@ -20,6 +20,7 @@ from tfseg.evaluation.postprocess import Postprocess
 from tfseg.evaluation.predictors import (
     Predictor,
     keras_predictor,
+    keras_volume_predictor,
     predict_volumes,
     saved_model_predictor,
     saved_model_volumes,
@@ -138,7 +139,8 @@ def evaluate_run(run_dir: str | Path, *, folds=None, model: str | Path | None = 
     else:
         check_tta(tta, [(str(run_dir), config)], allow_untrained=allow_untrained_tta)
         config, keras_model, source = load_run_model(run_dir)
-        predict = keras_predictor(keras_model, tta)
+        predict = (keras_volume_predictor(keras_model, config, tta) if config.model.kind == "3d"
+                   else keras_predictor(keras_model, tta))
     post = Postprocess.from_config(config.train, **(post_overrides or {}))
     rows, summary = evaluate(config, folds, predict, volumes=volumes, batch_size=batch_size, post=post, limit=limit,
                              empty_dice=empty_dice, hausdorff=hausdorff, progress=progress)

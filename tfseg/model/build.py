@@ -7,6 +7,7 @@ from tfseg import CLASSES
 from tfseg.config import Config
 from tfseg.model.losses import get_loss
 from tfseg.model.unet import build_unet
+from tfseg.model.unet3d import build_unet3d
 
 # A replica's share of the batch at or below which auto synchronises batch norm across replicas:
 # statistics of a few slices are noisy, and unsynchronised they change with the replica count.
@@ -22,9 +23,14 @@ def resolve_norm(norm: str, global_batch: int, replicas: int) -> str:
 
 
 def build_model(config: Config) -> keras.Model:
-    """The UNet of config.model for config.data's input (under the current dtype policy)."""
+    """The UNet of config.model for config.data's input (under the current dtype policy): model.kind 2.5d
+    takes [B, H, W, len(offsets)] slices, 3d takes [B, D, H, W, 1] patches or volumes of any fitting size."""
     m = config.model
     norm = resolve_norm(m.norm, config.data.batch_size, tf.distribute.get_strategy().num_replicas_in_sync)
+    if m.kind == "3d":
+        return build_unet3d((None, None, None, 1), len(CLASSES), depth=m.depth, z_pools=m.z_pools,
+                            base_filters=m.base_filters, block=m.block, norm=norm, dropout=m.dropout,
+                            upsample=m.upsample)
     return build_unet((*config.data.image_size, len(config.data.offsets)), len(CLASSES), depth=m.depth,
                       base_filters=m.base_filters, block=m.block, norm=norm, dropout=m.dropout,
                       upsample=m.upsample, encoder=m.encoder, encoder_weights=m.encoder_weights,

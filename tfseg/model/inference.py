@@ -21,9 +21,10 @@ import tensorflow as tf
 from keras import ops
 
 from tfseg.errors import ConfigError
+from tfseg.model.sliding_window import sliding_window_probabilities
 from tfseg.model.unet import split_outputs
 
-TTA_MODES = {"hflip": 2, "vflip": 1}  # the axis of [B, H, W, C] each flips
+TTA_MODES = {"hflip": -2, "vflip": -3}  # the axis each flips, of [B, H, W, C] and of [B, D, H, W, C]
 
 
 def parse_tta(spec) -> tuple[str, ...]:
@@ -189,3 +190,16 @@ def context_probabilities(predict, offsets, chunk: int, num_classes: int, with_p
         return chunked(window, depth, chunk, volume.shape[1:3], num_classes, with_presence)
 
     return call
+
+
+def averaged_volume(models: list[keras.Model], patch_size, *, tta=(), overlap: float = 0.5, window_batch: int = 4):
+    """For 3D models: a function volume float32 [D, h, w, 1] -> probabilities float32 [D, h, w, 3], the mean of
+    every model and view (`averaged`) over Gaussian-weighted sliding windows of patch_size (data.patch_size),
+    overlapping by `overlap` (train.window_overlap), window_batch windows per call (train.window_batch)."""
+    call = averaged(models, tta)
+
+    def volume_probabilities(volume):
+        return sliding_window_probabilities(lambda windows: call(windows)[0], volume, patch_size, overlap=overlap,
+                                            window_batch=window_batch)
+
+    return volume_probabilities

@@ -121,7 +121,7 @@ def build_unet(
     depth = _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout,
                            upsample, encoder, encoder_weights)
     inputs = keras.Input(shape=input_shape, name="scans")
-    conv_block = _residual_block if block == "residual" else _plain_block
+    conv_block = block_function(block)
 
     def convs(x, filters, prefix):
         return conv_block(x, filters, norm=norm, dropout=dropout, prefix=prefix)
@@ -190,11 +190,9 @@ def split_outputs(outputs):
 def _check_options(input_shape, num_classes, depth, base_filters, block, norm, dropout, upsample,
                    encoder, encoder_weights) -> int:
     """Validate build_unet's arguments; return the depth to use."""
-    for option, value, allowed in (("block", block, BLOCKS), ("norm", norm, NORMS),
-                                   ("upsample", upsample, UPSAMPLES),
-                                   ("encoder", encoder, (None, *ENCODERS))):
-        if value not in allowed:
-            raise ConfigError(f"model: {option} must be one of {allowed}, got {value!r}")
+    check_layers(num_classes, base_filters, block, norm, dropout, upsample)
+    if encoder not in (None, *ENCODERS):
+        raise ConfigError(f"model: encoder must be one of {(None, *ENCODERS)}, got {encoder!r}")
     is_file = isinstance(encoder_weights, str) and encoder_weights.endswith(".h5")
     if not (encoder_weights in ENCODER_WEIGHTS or is_file):
         raise ConfigError(f"model: encoder_weights must be null, 'imagenet' or the path of a .h5 / .weights.h5 "
@@ -208,11 +206,6 @@ def _check_options(input_shape, num_classes, depth, base_filters, block, norm, d
     if not (isinstance(depth, int) and depth >= 1 and (max_depth is None or depth <= max_depth)):
         limit = f"1..{max_depth} with encoder {encoder!r}" if max_depth else ">= 1"
         raise ConfigError(f"model: depth must be an integer {limit}, got {depth!r}")
-    for option, value in (("num_classes", num_classes), ("base_filters", base_filters)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"model: {option} must be a positive integer, got {value!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"model: dropout must be in [0, 1), got {dropout!r}")
     if len(input_shape) != 3 or not (isinstance(input_shape[2], int) and input_shape[2] >= 1):
         raise ConfigError(f"model: input_shape must be (H, W, C) with C >= 1 slices, got {input_shape!r}")
     factor = 2**depth
@@ -222,6 +215,18 @@ def _check_options(input_shape, num_classes, depth, base_filters, block, norm, d
                               f"{factor} (depth {depth}), got input_shape {tuple(input_shape)!r}; "
                               f"resize or pad the scans, e.g. to {_round_up(input_shape[:2], factor)}")
     return depth
+
+
+def check_layers(num_classes, base_filters, block, norm, dropout, upsample) -> None:
+    """The options every UNet shares (2.5D and 3D): ConfigError naming the bad one."""
+    for option, value, allowed in (("block", block, BLOCKS), ("norm", norm, NORMS), ("upsample", upsample, UPSAMPLES)):
+        if value not in allowed:
+            raise ConfigError(f"model: {option} must be one of {allowed}, got {value!r}")
+    for option, value in (("num_classes", num_classes), ("base_filters", base_filters)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"model: {option} must be a positive integer, got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model: dropout must be in [0, 1), got {dropout!r}")
 
 
 def _round_up(sizes, factor: int) -> tuple:
@@ -372,31 +377,48 @@ def _norm(x, norm: str, name: str):
     return x
 
 
+def _is_3d(x) -> bool:
+    """Whether x is a [B, D, H, W, C] tensor: the blocks below build 3D layers for it (unet3d)."""
+    return len(x.shape) == 5
+
+
+def _conv(x, filters: int, kernel: int, name: str, use_bias: bool):
+    conv = layers.Conv3D if _is_3d(x) else layers.Conv2D
+    return conv(filters, kernel, padding="same", use_bias=use_bias, name=name)(x)
+
+
+def _spatial_dropout(x, rate: float, name: str):
+    return (layers.SpatialDropout3D if _is_3d(x) else layers.SpatialDropout2D)(rate, name=name)(x)
+
+
 def _conv_norm(x, filters: int, norm: str, name: str):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=norm == "none", name=f"{name}_conv")(x)
-    return _norm(x, norm, f"{name}_norm")
+    return _norm(_conv(x, filters, 3, f"{name}_conv", norm == "none"), norm, f"{name}_norm")
 
 
 def _plain_block(x, filters: int, *, norm: str, dropout: float, prefix: str):
-    """(3x3 conv, norm, ReLU) twice, with optional spatial dropout between the two."""
+    """(3x3 conv, norm, ReLU) twice, with optional spatial dropout between the two (3x3x3 on 3D input)."""
     x = layers.ReLU(name=f"{prefix}_relu1")(_conv_norm(x, filters, norm, f"{prefix}_1"))
     if dropout:
-        x = layers.SpatialDropout2D(dropout, name=f"{prefix}_dropout")(x)
+        x = _spatial_dropout(x, dropout, f"{prefix}_dropout")
     return layers.ReLU(name=f"{prefix}_relu2")(_conv_norm(x, filters, norm, f"{prefix}_2"))
 
 
 def _residual_block(x, filters: int, *, norm: str, dropout: float, prefix: str):
-    """Two 3x3 conv + norm with an identity (or 1x1 conv when channels change) shortcut."""
+    """Two 3x3 conv + norm with an identity (or 1x1 conv when channels change) shortcut (3x3x3 on 3D input)."""
     shortcut = x
     if x.shape[-1] != filters:
-        shortcut = layers.Conv2D(filters, 1, use_bias=norm == "none", name=f"{prefix}_proj_conv")(x)
-        shortcut = _norm(shortcut, norm, f"{prefix}_proj_norm")
+        shortcut = _norm(_conv(x, filters, 1, f"{prefix}_proj_conv", norm == "none"), norm, f"{prefix}_proj_norm")
     x = layers.ReLU(name=f"{prefix}_relu1")(_conv_norm(x, filters, norm, f"{prefix}_1"))
     if dropout:
-        x = layers.SpatialDropout2D(dropout, name=f"{prefix}_dropout")(x)
+        x = _spatial_dropout(x, dropout, f"{prefix}_dropout")
     x = _conv_norm(x, filters, norm, f"{prefix}_2")
     x = layers.Add(name=f"{prefix}_add")([x, shortcut])
     return layers.ReLU(name=f"{prefix}_relu2")(x)
+
+
+def block_function(block: str):
+    """The conv block called `block` (plain | residual); it builds 2D or 3D layers for its input's rank."""
+    return _residual_block if block == "residual" else _plain_block
 
 
 def logits_model(model: keras.Model) -> keras.Model:

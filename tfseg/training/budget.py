@@ -86,11 +86,12 @@ def probe(steps, iterator, val_data, validation_batches: int,
 def plan_run(strategy, steps, iterator, val_data, config, started: float) -> tuple[list[float], Plan]:
     """Probe the run's first steps and validation, then plan_steps. Workers agree on the slowest one's
     figures, so that every worker takes the same number of steps (their collectives must match)."""
-    from tfseg.data.pipeline import count_slices
+    from tfseg.data.pipeline import count_validation_examples
 
     d, t = config.data, config.train
     budget_seconds = 60 * t.budget_minutes
-    val_batches = math.ceil(count_slices(d.records, d.val_folds) / d.batch_size) if val_data is not None else 0
+    val_batches = math.ceil(count_validation_examples(config, d.val_folds) / d.batch_size) if val_data is not None \
+        else 0
     losses, step_seconds, validation_seconds = probe(steps, iterator, val_data, val_batches, budget_seconds)
     elapsed, step_seconds, validation_seconds = agree(
         strategy, [time.perf_counter() - started, step_seconds, validation_seconds])

@@ -106,7 +106,8 @@ class Steps:
         pred, _ = probabilities(pred, self.from_logits)
         true = tf.cast(y > 0.5, tf.float32)
         hard = tf.cast(pred > self.train_config.threshold, tf.float32)
-        sums = [tf.reduce_sum(v, axis=[0, 1, 2]) for v in (true * hard, hard, true)]
+        pixels = list(range(len(hard.shape) - 1))  # every axis but the classes', of slices or 3D patches
+        sums = [tf.reduce_sum(v, axis=pixels) for v in (true * hard, hard, true)]
         if presence is not None:
             shown = presence_targets(y)
             said = tf.cast(presence >= self.train_config.presence_threshold, tf.float32)

@@ -138,9 +138,19 @@ def cpu_supports_bf16() -> bool:
     return bool(flags & CPU_BF16_FLAGS)
 
 
-def resolve_precision(precision: str, kind: str) -> str:
+def resolve_precision(precision: str, kind: str, model_kind: str = "2.5d") -> str:
     """`auto` -> mixed_float16 on GPUs of compute capability >= 7 (tensor cores), mixed_bfloat16 on TPUs
-    and on CPUs with native bf16 instructions, else float32. Explicit choices are kept."""
+    and on CPUs with native bf16 instructions, else float32. Explicit choices are kept.
+
+    3D models on the CPU train in float32: TensorFlow 2.21's CPU (oneDNN) bfloat16 Conv3DBackpropFilter
+    returns non-finite kernel gradients for inputs 2 voxels deep (measured: [2, 2, 8, 8, 32] with a 3x3x3
+    kernel), which a 3D UNet's deepest stages are; auto picks float32 and mixed_bfloat16 is refused."""
+    if model_kind == "3d" and kind == "cpu":
+        if precision == "mixed_bfloat16":
+            raise ConfigError("train.precision: mixed_bfloat16 3D convolutions on the CPU give non-finite gradients "
+                              "(TensorFlow's oneDNN Conv3DBackpropFilter); use float32 or auto")
+        if precision == "auto":
+            return "float32"
     if precision != "auto":
         return precision
     if kind == "tpu":

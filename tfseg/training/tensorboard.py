@@ -53,7 +53,7 @@ def validation_images(dataset, count: int = IMAGES) -> tuple[np.ndarray | None, 
     """`count` validation slices with organs, spread over the first ones found: scans and masks."""
     scans, masks = [], []
     for x, y in dataset:
-        keep = np.asarray(tf.reduce_any(y > 0, axis=[1, 2, 3]))
+        keep = np.asarray(tf.reduce_any(y > 0, axis=list(range(1, len(y.shape)))))
         scans += list(x.numpy()[keep])
         masks += list(y.numpy()[keep])
         if len(scans) >= 16 * count:
@@ -81,6 +81,9 @@ def log_epoch(writers, row: dict, epoch: int, model, image_data, config: Config,
             scans, masks = image_data
             pred = keras.ops.convert_to_numpy(split_outputs(model(scans, training=False))[0]) > config.train.threshold
             centre = centre_index(config.data.offsets)
+            if scans.ndim == 5:  # 3D patches: their middle slice
+                middle = scans.shape[1] // 2
+                scans, masks, pred, centre = scans[:, middle], masks[:, middle], pred[:, middle], 0
             images = [draw_contours(s[..., centre], m, p) for s, m, p in zip(scans, masks, pred, strict=True)]
             tf.summary.image("predictions", np.stack(images), max_outputs=len(images),
                              description="scan with true (solid) and predicted (dashed) contours")

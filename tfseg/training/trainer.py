@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from tfseg.config import Config
-from tfseg.data.pipeline import count_slices, eval_dataset, train_dataset
+from tfseg.data.pipeline import count_examples, train_dataset, validation_pairs
 from tfseg.errors import ConfigError, TrainingStopped
 from tfseg.layout import read_manifest
 from tfseg.model.build import build_loss, build_model, resolve_norm
@@ -70,7 +70,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
     kind = strategy_lib.device_kind(strategy)
     resolved = copy.deepcopy(config)
     resolved.train.strategy = strategy_lib.resolve_name(t.strategy, t.tpu, t.cpu_replicas)
-    resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind)
+    resolved.train.precision = precision = strategy_lib.resolve_precision(t.precision, kind, config.model.kind)
     resolved.train.jit_compile = strategy_lib.resolve_jit_compile(t.jit_compile, kind, precision)
     resolved.model.norm = resolve_norm(config.model.norm, config.data.batch_size, strategy.num_replicas_in_sync)
     chief = strategy_lib.is_chief(strategy)
@@ -84,8 +84,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
         budget.adopt_plan(resolved, run_dir)
     resume = check_run_dir(run_dir, resolved, fresh=fresh)
     to_plan = bool(t.budget_minutes) and resolved.train.steps_per_epoch is None
-    steps_per_epoch = resolved.train.steps_per_epoch or max(1, count_slices(config.data.records, folds,
-                                                                             config.data.keep_empty) // batch)
+    steps_per_epoch = resolved.train.steps_per_epoch or max(1, count_examples(config, folds) // batch)
     validate = bool(config.data.val_folds)
     log(f"strategy {resolved.train.strategy} ({strategy.num_replicas_in_sync} replicas on {kind}), precision "
         f"{precision}{', XLA' if resolved.train.jit_compile else ''}; train folds {folds}, validation folds "
@@ -95,7 +94,7 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
 
     def val_pairs(context: tf.distribute.InputContext | None = None):
         per_replica = context.get_per_replica_batch_size(batch) if context else batch
-        ds = eval_dataset(config, config.data.val_folds, per_replica).map(lambda d: (d["image"], d["mask"]))
+        ds = validation_pairs(config, config.data.val_folds, per_replica)
         return ds.shard(context.num_input_pipelines, context.input_pipeline_id) if context else ds
 
     write_dir = strategy_lib.write_dir(run_dir, strategy)
