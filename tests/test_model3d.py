@@ -289,6 +289,42 @@ def test_evaluate_refuses_volumes_shorter_than_the_patch(run_3d, records_dir, tm
     assert not (other / "eval").exists()
 
 
+def test_a_3d_run_serves_whole_volumes_alone_and_fused_with_a_2_5d_run(run_3d, records_dir, synth_dir, tmp_path):
+    """Export a 3D run alone (whole-volume signatures only), a 2.5D run alone, and their 3:1 fusion; in a
+    fresh process without tfseg the fusion's probabilities are the weighted mean of the members'."""
+    import pickle
+    import subprocess
+    import sys
+
+    from tests.test_export import tiny_run, volume_pngs
+    from tests.test_volume import ANSWER
+    from tfseg import export, layout
+
+    run_2d = tiny_run(records_dir, tmp_path)
+    models = {name: tmp_path / name / "1" for name in ("3d", "2d", "fused")}
+    for name, runs in (("3d", [run_3d]), ("2d", [run_2d]), ("fused", [run_2d, run_3d])):
+        weights = ["--weight", "3", "--weight", "1"] if name == "fused" else []
+        argv = [arg for run in runs for arg in ("--run", str(run))]
+        assert cli.run(export.main, [*argv, *weights, "--out", str(models[name])]) == 0
+    for name in ("3d", "fused"):
+        assert sorted(layout.read_info(models[name])["signatures"]) == ["serving_volume", "volume_probabilities"]
+    _, pngs = volume_pngs(synth_dir)
+    requests = [(name, str(path), "volume_probabilities", pngs) for name, path in models.items()]
+    requests.append(("short", str(models["3d"]), "serving_volume", pngs[:4]))  # fewer slices than a patch
+    (tmp_path / "requests.pkl").write_bytes(pickle.dumps(requests))
+    done = subprocess.run([sys.executable, "-c", ANSWER, "requests.pkl", "answers.pkl"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tfseg imported: False" in done.stdout
+    answers = pickle.loads((tmp_path / "answers.pkl").read_bytes())
+    probabilities = {name: answers[name]["probabilities"] for name in models}
+    assert probabilities["3d"].shape == probabilities["2d"].shape == (len(pngs), *probabilities["2d"].shape[1:])
+    assert not np.allclose(probabilities["3d"], probabilities["2d"], atol=1e-3)
+    np.testing.assert_allclose(probabilities["fused"], 0.75 * probabilities["2d"] + 0.25 * probabilities["3d"],
+                               atol=1e-5)
+    assert "error" in answers["short"]
+
+
 @pytest.mark.slow  # ~2 min: cv evaluates every volume of the fold at the scans' own size
 def test_cv_runs_a_3d_config(records_dir, tmp_path):
     overrides = [*TINY_3D, "train.epochs=1", "train.steps_per_epoch=2", "train.image_log_every=0"]

@@ -25,7 +25,6 @@ from tests.test_export import TINY, png, run_dir, saved_model, tiny_run, volume_
 from tfseg import cli, export, layout
 from tfseg.config import load_config, save_config
 from tfseg.data import context, preprocess
-from tfseg.model.inference import Member, check_kind
 from tfseg.model.unet import build_unet
 from tfseg.serving.client import png_mask
 from tfseg.training.run_folder import load_run_model
@@ -234,18 +233,6 @@ def test_weights_must_match_the_members(runs, tmp_path, capsys):
         export.main(["--run", str(runs["a"]), "--run", str(runs["b"]), "--weight", "1", "--out", str(tmp_path / "1")])
     assert exit_code.value.code == 2 and "one positive weight per member (2)" in capsys.readouterr().err
     assert not (tmp_path / "1").exists()
-
-
-def test_a_3d_member_is_refused_by_name():
-    """Until the 3D model's sliding window plugs into model.inference.member_probabilities."""
-    config = load_config(None, TINY)
-    config.model.kind = "3d"  # what a 3D run's config will say
-    with pytest.raises(ValueError, match="runs/r3d: model.kind 3d is not supported by this export yet"):
-        check_kind(config, "runs/r3d")
-    with pytest.raises(ValueError, match="model.kind 3d"):
-        from tfseg.model.inference import member_probabilities
-
-        member_probabilities(Member(None, config, 1.0, "runs/r3d"))
 
 
 @pytest.mark.slow

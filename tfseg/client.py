@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"served model {args.model_name} takes K = {served['k']} at {served['input_size']}: "
                                 "not the model the server serves")
         offsets = model_offsets(facts, offsets, where, args.batch_size)
-        print(f"model: K = {facts['k']} slices per context row"
+        print("model: whole volumes only (a 3D member)" if facts["k"] is None else
+              f"model: K = {facts['k']} slices per context row"
               + (f" (offsets {','.join(map(str, offsets))})" if offsets else "")
               + f", model size {facts['input_size'][0]} x {facts['input_size'][1]}")
         written = segment(args.protocol, url, args.scans, offsets, args.out, model_name=args.model_name,

@@ -134,7 +134,7 @@ def model_kind(config) -> str:
     return str(getattr(config.model, "kind", "2.5d")).lower()
 
 
-SUPPORTED_KINDS = ("2.5d",)
+SUPPORTED_KINDS = ("2.5d", "3d")
 
 
 def check_kind(config, name: str) -> None:
@@ -163,12 +163,17 @@ class Member:
 def member_probabilities(member: Member, tta=(), chunk: int = 16, num_classes: int = 3):
     """The member's function volume float32 [D, h, w, 1] (normalised over the volume, resized to its
     data.image_size) -> (probabilities float32 [D, h, w, C] at its model size, presence [D, C] or None),
-    `chunk` slices or windows at a time. One branch per model.kind; a 3D model plugs in here."""
+    `chunk` slices (2.5D) or train.window_batch windows (3D) at a time. One branch per model.kind."""
     check_kind(member.config, member.name)
     kind = model_kind(member.config)
     if kind == "2.5d":
         return context_probabilities(averaged([member.model], tta), member.config.data.offsets, chunk,
                                      num_classes, member.has_presence)
+    if kind == "3d":
+        t = member.config.train
+        windows = averaged_volume([member.model], member.config.data.patch_size, tta=tta,
+                                  overlap=t.window_overlap, window_batch=t.window_batch)
+        return lambda volume: (windows(volume), None)  # no presence head: the fusion then gates nothing
     raise AssertionError(kind)  # check_kind refused it
 
 

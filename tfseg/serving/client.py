@@ -136,6 +136,8 @@ def metadata_signatures(protocol: str, url: str, model_name: str, timeout: float
 def facts_from_signatures(signature_defs: dict) -> dict:
     """{"k", "input_size", "offsets"} from SignatureDefs: predict_float's `scans` [N, h, w, K] gives the
     model size and K. TF Serving's metadata holds only SignatureDefs, so the offsets are None."""
+    if PREDICT_FLOAT not in signature_defs and VOLUME_SIGNATURE in signature_defs:
+        return {"k": None, "input_size": None, "offsets": None}  # whole volumes only: a fusion with a 3D model
     try:
         dims = signature_defs[PREDICT_FLOAT]["inputs"]["scans"]["tensor_shape"]["dim"]
         _, height, width, k = (int(d["size"]) for d in dims)
@@ -146,7 +148,9 @@ def facts_from_signatures(signature_defs: dict) -> dict:
 
 
 def facts_from_info(info: dict) -> dict:
-    """{"k", "input_size", "offsets"} from an export's tfseg.json."""
+    """{"k", "input_size", "offsets"} from an export's tfseg.json (None for a model of whole volumes only)."""
+    if PREDICT_FLOAT not in info.get("signatures", {PREDICT_FLOAT: ""}):
+        return {"k": None, "input_size": None, "offsets": None}
     return {"k": len(info["offsets"]), "input_size": list(info["input_size"]), "offsets": list(info["offsets"])}
 
 
@@ -154,6 +158,11 @@ def model_offsets(facts: dict, offsets: list[int] | None, where: str, batch_size
     """The context offsets to build rows with: the model's; a user's `offsets` must agree with them (or,
     when the model's are unknown, have its K entries). DataError naming both values otherwise."""
     said = ",".join(map(str, offsets or []))
+    if facts["k"] is None:  # no per-slice signature to send rows to
+        if batch_size > 0 or offsets is not None:
+            raise DataError(f"{where} serves whole volumes only (a 3D model is among its members): leave out "
+                            "--batch-size and --offsets")
+        return None
     if offsets is not None and len(offsets) != facts["k"]:
         raise DataError(f"--offsets {said}: {len(offsets)} slices per row, but {where} takes K = {facts['k']}"
                         + (f" (offsets {','.join(map(str, facts['offsets']))})" if facts["offsets"] else "")

@@ -16,7 +16,7 @@ from tfseg.layout import MASKS_PNG, PREDICT_FLOAT, SIGNATURE, VOLUME_PROBABILITI
 from tfseg.model.inference import Member, check_kind, check_tta, member_weights, model_kind, parse_tta, trained_flips
 from tfseg.records.reader import fold_cases
 from tfseg.serving.kit import write_kit
-from tfseg.serving.signatures import BIT_DEPTH, MAX_IMAGE_SIZE, serving_functions
+from tfseg.serving.signatures import BIT_DEPTH, MAX_IMAGE_SIZE, per_slice, serving_functions
 from tfseg.serving.warmup import sample_requests, warmup_record
 from tfseg.training.run_folder import load_run_model
 
@@ -45,7 +45,9 @@ def output_classes(model: keras.Model) -> int:
 
 
 def export_info(members: list[Member], post: Postprocess, chunk: int, tta=(), sources=None,
-                max_image_size: int = MAX_IMAGE_SIZE) -> dict:
+                max_image_size: int = MAX_IMAGE_SIZE, signatures=None) -> dict:
+    """tfseg.json: what the export holds and how it reads its input; `signatures` (default: all) the
+    names it serves."""
     config = members[0].config
     d = config.data
     sources = sources or [None] * len(members)
@@ -67,7 +69,7 @@ def export_info(members: list[Member], post: Postprocess, chunk: int, tta=(), so
         "max_image_size": max_image_size,
         "source": listed[0] if len(listed) == 1 and sources[0] else None,
         "members": listed,
-        "signatures": {
+        "signatures": {name: text for name, text in {
             SIGNATURE: "slices string [N, K] 16-bit PNGs -> probabilities float32 [N, H, W, 3], "
                        "masks uint8 [N, H, W, 3] (and presence float32 [N, 3] with a presence head); "
                        "normalised over the request's distinct slices",
@@ -79,7 +81,7 @@ def export_info(members: list[Member], post: Postprocess, chunk: int, tta=(), so
                               "in the graph",
             VOLUME_PROBABILITIES: "slices as serving_volume -> probabilities float32 [D, H, W, 3], masks uint8 "
                                   "[D, H, W, 3] (and presence float32 [D, 3] with presence heads)",
-        },
+        }.items() if signatures is None or name in signatures},
         "config": to_dict(config),
         "fold_cases": _fold_cases(config),
     }
@@ -87,7 +89,8 @@ def export_info(members: list[Member], post: Postprocess, chunk: int, tta=(), so
 
 def check_members(members: list[Member]) -> None:
     """DataError naming the member and the setting when an ensemble's members cannot be fused: another
-    model.kind than this export serves, other classes, or another input (SHARED_SETTINGS)."""
+    model.kind than this export serves, other classes, or (for the per-slice signatures of 2.5D members)
+    another input (SHARED_SETTINGS)."""
     first = members[0]
     for member in members:
         check_kind(member.config, member.name)
@@ -96,6 +99,8 @@ def check_members(members: list[Member]) -> None:
             raise DataError(f"{member.name}: its model outputs {classes} classes, but tfseg's classes are "
                             f"{len(CLASSES)} ({', '.join(CLASSES)}); it cannot be fused with "
                             f"{'the other members' if len(members) > 1 else 'tfseg'}")
+    if not per_slice(members):  # whole volumes only: each member normalises and resizes for itself
+        return
     for key, value in SHARED_SETTINGS.items():
         for member in members[1:]:
             if value(member.config) != value(first.config):
@@ -139,25 +144,31 @@ def write_saved_model(models, config: Config, out: str | os.PathLike, *, overwri
     archive = keras.export.ExportArchive()
     for model in models:
         archive.track(model)
-    for name, (fn, signature) in serving_functions(members, post, chunk, tta, max_image_size).items():
+    functions = serving_functions(members, post, chunk, tta, max_image_size)
+    for name, (fn, signature) in functions.items():
         archive.add_endpoint(name, fn, input_signature=signature)
-    context, volume = sample_requests(config)
+    depth = max([m.config.data.patch_size[0] for m in members if m.config.data.patch_size] or [0])
+    context, volume = sample_requests(config, min_slices=depth)  # a 3D member needs a patch's depth
     with files.atomic_dir(out, overwrite) as tmp:
         archive.write_out(str(tmp), verbose=False)
         layout.warmup_path(tmp).parent.mkdir()
         with tf.io.TFRecordWriter(str(layout.warmup_path(tmp))) as writer:
-            writer.write(warmup_record([context], SIGNATURE))
+            if SIGNATURE in functions:
+                writer.write(warmup_record([context], SIGNATURE))
             writer.write(warmup_record(volume, VOLUME_SIGNATURE))
-        files.write_json(layout.info_path(tmp), export_info(members, post, chunk, tta, sources, max_image_size))
+        files.write_json(layout.info_path(tmp), export_info(members, post, chunk, tta, sources, max_image_size,
+                                                            list(functions)))
         write_kit(layout.info_path(tmp).parent, out.parent.name or "tfseg", int(out.name))
         # Answer the warm-up requests from the written files before publishing them.
         loaded = tf.saved_model.load(str(tmp))
-        answer = loaded.signatures[SIGNATURE](slices=tf.constant([context]))
         pngs = loaded.signatures[VOLUME_SIGNATURE](slices=tf.constant(volume))["masks_png"]
         if verbose:
-            print(f"warm-up requests answered: masks {answer['masks'].shape}, "
-                  f"{int(tf.reduce_sum(tf.cast(answer['masks'], tf.int32)))} organ pixels; "
-                  f"{len(pngs)} mask PNGs for a {len(volume)}-slice volume")
+            print(f"warm-up requests answered: {len(pngs)} mask PNGs for a {len(volume)}-slice volume")
+        if SIGNATURE in functions:
+            answer = loaded.signatures[SIGNATURE](slices=tf.constant([context]))
+            if verbose:
+                print(f"  and a context row: masks {answer['masks'].shape}, "
+                      f"{int(tf.reduce_sum(tf.cast(answer['masks'], tf.int32)))} organ pixels")
     return out
 
 
@@ -190,6 +201,6 @@ def export(runs, out: str | os.PathLike, *, overwrite: bool = False, chunk: int 
                       max_image_size=max_image_size, verbose=verbose)
     if verbose:
         what = loaded[0][2] if len(runs) == 1 else f"a fusion of {len(runs)} runs"
-        print(f"exported {what} -> {out} (signatures {SIGNATURE}, {MASKS_PNG}, {PREDICT_FLOAT}, {VOLUME_SIGNATURE}, "
-              f"{VOLUME_PROBABILITIES}{'; tta ' + ','.join(parse_tta(tta)) if tta else ''})")
+        signatures = ", ".join(layout.read_info(out)["signatures"])
+        print(f"exported {what} -> {out} (signatures {signatures}{'; tta ' + ','.join(parse_tta(tta)) if tta else ''})")
     return Path(out)

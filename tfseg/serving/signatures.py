@@ -34,7 +34,7 @@ from tfseg.layout import (
     VOLUME_PROBABILITIES,
     VOLUME_SIGNATURE,
 )
-from tfseg.model.inference import Member, averaged, chunked, member_probabilities
+from tfseg.model.inference import Member, averaged, chunked, member_probabilities, model_kind
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A PNG starts with its 8-byte signature, then the IHDR chunk: length (4), "IHDR" (4), width (4),
@@ -163,22 +163,40 @@ def fused_volume(members: list[Member], tta=(), chunk: int = 16, num_classes: in
     return call
 
 
+def per_slice(members: list[Member]) -> bool:
+    """Whether the per-slice signatures (K-slice rows) can serve these members: only 2.5D models take
+    rows; a fusion with a 3D member serves whole volumes only."""
+    return all(model_kind(m.config) == "2.5d" for m in members)
+
+
 def serving_functions(members: list[Member], post: Postprocess, chunk: int = 16, tta=(),
                       max_image_size: int = MAX_IMAGE_SIZE):
     """Signature name -> (function, input signature) of the SavedModel: the weighted average of the
     members over the scans and their `tta` flips, gated by `post`. The per-slice signatures give every
     member the same input, so the members share it (savedmodel.check_members): the first member's."""
-    d = members[0].config.data
-    height, width = d.image_size
-    num_context = len(d.offsets)
     num_classes = len(CLASSES)
-    predict = averaged([m.model for m in members], tta, [m.weight for m in members])
     with_presence = all(m.has_presence for m in members)
     volume = fused_volume(members, tta, chunk, num_classes)
 
     def outputs(probabilities, presence):
         out = {"probabilities": probabilities, "masks": slice_masks(post, probabilities, presence)}
         return out | ({"presence": presence} if with_presence else {})
+
+    def volume_probabilities(slices):
+        return outputs(*volume(decode_volume(slices, max_image_size)))
+
+    def serving_volume(slices):
+        return {"masks_png": _encode_masks(volume_probabilities(slices)["masks"])}
+
+    one_volume = [tf.TensorSpec([None], tf.string, name="slices")]
+    signatures = {VOLUME_SIGNATURE: (serving_volume, one_volume),
+                  VOLUME_PROBABILITIES: (volume_probabilities, one_volume)}
+    if not per_slice(members):
+        return signatures
+    d = members[0].config.data
+    height, width = d.image_size
+    num_context = len(d.offsets)
+    predict = averaged([m.model for m in members], tta, [m.weight for m in members])
 
     def predict_png(slices):
         images, index = decode_slices(slices, d.offsets, max_image_size)
@@ -199,20 +217,12 @@ def serving_functions(members: list[Member], post: Postprocess, chunk: int = 16,
                                           (height, width), num_classes, with_presence)
         return {"probabilities": probabilities} | ({"presence": presence} if with_presence else {})
 
-    def volume_probabilities(slices):
-        return outputs(*volume(decode_volume(slices, max_image_size)))
-
-    def serving_volume(slices):
-        return {"masks_png": _encode_masks(volume_probabilities(slices)["masks"])}
-
     # Any K in the spec, so that a row of another K reaches the graph's check and its sentence (TF Serving
     # does not check shapes against the SignatureDef); predict_float's spec tells clients K.
     rows = [tf.TensorSpec([None, None], tf.string, name="slices")]
-    one_volume = [tf.TensorSpec([None], tf.string, name="slices")]
     return {
         SIGNATURE: (predict_png, rows),
         MASKS_PNG: (predict_masks_png, rows),
         PREDICT_FLOAT: (predict_float, [tf.TensorSpec([None, height, width, num_context], tf.float32, name="scans")]),
-        VOLUME_SIGNATURE: (serving_volume, one_volume),
-        VOLUME_PROBABILITIES: (volume_probabilities, one_volume),
+        **signatures,
     }

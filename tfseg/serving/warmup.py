@@ -15,22 +15,24 @@ from tfseg.records.reader import shard_files
 VOLUME_SLICES = 8  # slices of the warm-up volume: enough to run every branch, small enough to keep the file small
 
 
-def sample_requests(config: Config) -> tuple[list[bytes], list[bytes]]:
+def sample_requests(config: Config, min_slices: int = 0) -> tuple[list[bytes], list[bytes]]:
     """(K PNGs forming a real context: the middle slice of the first validation volume; that volume's
-    middle VOLUME_SLICES slices in order). Without records: a synthetic 16-bit scan, repeated."""
-    offsets = config.data.offsets
+    middle max(VOLUME_SLICES, min_slices) slices in order). Without records: a synthetic 16-bit scan,
+    repeated."""
+    offsets, count = config.data.offsets, max(VOLUME_SLICES, min_slices)
     try:
         shards = shard_files(config.data.records, config.data.val_folds)
     except DataError:
         shards = []
     for serialized in tf.data.TFRecordDataset(shards).take(1):
         pngs = parse_volume(serialized)["image_png"].numpy().tolist()
-        start = max(0, len(pngs) // 2 - VOLUME_SLICES // 2)
-        return context_rows(pngs, offsets)[len(pngs) // 2], pngs[start:start + VOLUME_SLICES]
+        if len(pngs) >= count:
+            start = len(pngs) // 2 - count // 2
+            return context_rows(pngs, offsets)[len(pngs) // 2], pngs[start:start + count]
     y, x = np.mgrid[:266, :266]
     scan = (2000 + 1500 * np.sin(x / 20.0) * np.cos(y / 30.0)).astype(np.uint16)
     png = tf.io.encode_png(scan[..., None]).numpy()
-    return [png] * len(offsets), [png] * VOLUME_SLICES
+    return [png] * len(offsets), [png] * count
 
 
 def warmup_record(slices: list, signature: str = SIGNATURE, model_name: str = "tfseg") -> bytes:
