@@ -78,7 +78,8 @@ def test_gpu_recipe_trains_at_its_real_size():
 
 @pytest.mark.slow
 def test_gpu3d_recipe_takes_steps_at_its_real_size():
-    """gpu3d.yaml's 3D UNet at its real patch size, one patch per step (the recipe's 2 are per GPU)."""
+    """gpu3d.yaml's 3D UNet at its real patch size, one patch per step (the recipe's 2 are per GPU): a
+    traced step and one more (each takes minutes on a 2-core CPU, so no more)."""
     config = recipe("gpu3d", 1)
     patch = d, h, w = tuple(config.data.patch_size)
     assert (config.model.kind, patch) == ("3d", (48, 192, 192))
