@@ -4,9 +4,11 @@
 `variables/` with five signatures, plus `assets.extra/` (warm-up requests and tfseg.json).
 `--run A --run B` (or `--cv runs/NAME`) exports a fusion that averages the runs' probabilities at each
 scan's size before the threshold and gating (`--weight 0.6 --weight 0.4`: one weight per member, in the
-order of --run then the --cv folds; default equal). Members must have tfseg's classes and share their
-input (data.offsets, image_size, clip_percentiles, resize, interpolation): otherwise the export names
-the member and the setting, exit 2, nothing written. Only model.kind 2.5d members today.
+order of --run then the --cv folds; default equal). Members must have tfseg's classes; 2.5D members
+alone also share their input (data.offsets, image_size, clip_percentiles, resize, interpolation), which
+the per-slice signatures give them all: otherwise the export names the member and the setting, exit 2,
+nothing written. A 3D run (model.kind 3d), alone or in a fusion, is served through the two whole-volume
+signatures only, each member normalising and resizing the volume its own way.
 `--tta hflip` adds flip test-time augmentation (refused for a run not trained with that flip, see
 augment.flip_horizontal / flip_vertical, unless `--allow-untrained-tta`). The signatures:
 
