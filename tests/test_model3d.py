@@ -208,7 +208,8 @@ def test_result_does_not_depend_on_the_window_batch(window_model, window_batch):
     predict = tf.function(lambda w: window_model(w), reduce_retracing=True)
     reference = sliding_window_probabilities(predict, volume, (8, 16, 16), window_batch=2)
     got = sliding_window_probabilities(predict, volume, (8, 16, 16), window_batch=window_batch)
-    np.testing.assert_allclose(got, reference, atol=1e-6)
+    # float32 kernels may sum another batch in another order (1.07e-6 seen in the full suite)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
     assert got.shape == (13, 40, 36, 3) and 0 <= float(tf.reduce_min(got)) <= float(tf.reduce_max(got)) <= 1
 
 
