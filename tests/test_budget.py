@@ -82,16 +82,22 @@ def test_a_budgeted_run_resumes_with_its_steps(budget_run):
     assert [r["loss"] for r in again.history] == pytest.approx([r["loss"] for r in result.history], rel=1e-5)
 
 
-@pytest.mark.parametrize("minutes, message", [("0", "train.budget_minutes: must be > 0"),
-                                              ("-2", "train.budget_minutes: must be > 0"),
-                                              ("0.02", "too short")])
-def test_bad_budgets_are_refused_and_write_nothing(minutes, message, records_dir, tmp_path, capsys):
+@pytest.mark.parametrize("option, message", [
+    (["--budget-minutes", "0"], "argument --budget-minutes: must be above 0"),  # argparse, before TensorFlow
+    (["--budget-minutes", "-2"], "argument --budget-minutes: must be above 0"),
+    (["--set", "train.budget_minutes=0"], "train.budget_minutes: must be > 0"),  # the config's own check
+    (["--budget-minutes", "0.02"], "too short"),
+])
+def test_bad_budgets_are_refused_and_write_nothing(option, message, records_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["--config", str(SMOKE), "--records", str(records_dir), "--run-dir", str(run_dir), "--no-progress",
-            "--budget-minutes", minutes]
-    assert cli.run(train.main, argv) == 2
+    argv = ["--config", str(SMOKE), "--records", str(records_dir), "--run-dir", str(run_dir), "--no-progress", *option]
+    try:
+        code = cli.run(train.main, argv)
+    except SystemExit as exit:  # an argument error: argparse exits itself
+        code = exit.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert "error: " in err and message in err and "Traceback" not in err
     assert not run_dir.exists()
 
 

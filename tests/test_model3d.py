@@ -271,7 +271,7 @@ def test_a_3d_run_trains_and_evaluate_scores_whole_volumes(run_3d):
     history = (run_3d / "history.csv").read_text().splitlines()
     assert len(history) == 3 and "val_dice" in history[0]
     assert load_config(run_3d / "config.yaml").train.steps_per_epoch >= 1  # the budget's plan
-    summary = json.loads((RunFolder(run_3d).eval_dir / EVAL_SUMMARY).read_text())
+    summary = json.loads((RunFolder(run_3d).limited_eval_dir(2) / EVAL_SUMMARY).read_text())  # --limit 2
     assert summary["num_volumes"] >= 1 and 0 <= summary["score"] <= 1 and summary["folds"] == [0]
     model = keras.models.load_model(RunFolder(run_3d).final_model, compile=False)
     assert model.input_shape == (None, None, None, None, 1)
