@@ -46,6 +46,22 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def one_step_at_real_size(config, x, y, what: str, start: float) -> None:
+    """One training step on (x, y): finite loss, the logits kernel moved (no warm-up: the first step moves
+    the weights), peak memory within the machine's; prints what it measured."""
+    with float32_steps(config, x, y) as (model, step):
+        logits = model.get_layer("logits").kernel
+        before = keras.ops.convert_to_numpy(logits)
+        losses = [step()]
+        after = keras.ops.convert_to_numpy(logits)
+    peak = peak_rss()
+    print(f"{what}, float32 on CPU: {model.count_params():,} parameters, losses {losses}, "
+          f"{time.monotonic() - start:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
+    assert np.isfinite(losses).all()
+    assert not np.array_equal(after, before)
+    assert peak < MAX_RSS, f"peak resident memory {peak / 2**30:.1f} GiB"
+
+
 def recipe(name: str, batch: int):
     return load_config(CONFIGS / f"{name}.yaml", [f"data.batch_size={batch}", "train.precision=float32",
                                                   "train.warmup_epochs=0"])
@@ -63,17 +79,7 @@ def test_gpu_recipe_trains_at_its_real_size():
     x = rng.random((BATCH, height, width, channels), dtype=np.float32)
     y = np.zeros((BATCH, height, width, 3), np.float32)
     y[0, 100:200, 120:260, 0] = y[0, 180:300, 60:160, 1] = y[1, 150:250, 200:330, 2] = 1  # organs, and one missing
-    with float32_steps(config, x, y) as (model, step):
-        logits = model.get_layer("logits").kernel
-        before = keras.ops.convert_to_numpy(logits)
-        losses = [step()]  # no warm-up: the first step moves the weights
-        after = keras.ops.convert_to_numpy(logits)
-    peak = peak_rss()
-    print(f"gpu.yaml at {height}x{width}x{channels}, batch {BATCH}, float32 on CPU: {model.count_params():,} "
-          f"parameters, losses {losses}, {time.monotonic() - start:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
-    assert np.isfinite(losses).all()
-    assert not np.array_equal(after, before)
-    assert peak < MAX_RSS, f"peak resident memory {peak / 2**30:.1f} GiB"
+    one_step_at_real_size(config, x, y, f"gpu.yaml at {height}x{width}x{channels}, batch {BATCH}", start)
 
 
 @pytest.mark.slow
@@ -87,14 +93,4 @@ def test_gpu3d_recipe_takes_a_step_at_its_real_size():
     x = np.random.default_rng(0).random((1, *patch, 1), dtype=np.float32)
     y = np.zeros((1, *patch, 3), np.float32)
     y[0, d // 4:d // 2, h // 4:h // 2, w // 4:w // 2, 0] = y[0, d // 2:, h // 2:, w // 3:w // 2, 1] = 1
-    with float32_steps(config, x, y) as (model, step):
-        logits = model.get_layer("logits").kernel
-        before = keras.ops.convert_to_numpy(logits)
-        losses = [step()]
-        after = keras.ops.convert_to_numpy(logits)
-    peak = peak_rss()
-    print(f"gpu3d.yaml patch {patch}, batch 1, float32 on CPU: {model.count_params():,} parameters, losses {losses}, "
-          f"{time.monotonic() - start:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
-    assert np.isfinite(losses).all()
-    assert not np.array_equal(after, before)
-    assert peak < MAX_RSS, f"peak resident memory {peak / 2**30:.1f} GiB"
+    one_step_at_real_size(config, x, y, f"gpu3d.yaml patch {patch}, batch 1", start)
