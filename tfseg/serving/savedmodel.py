@@ -29,8 +29,8 @@ def _fold_cases(config: Config) -> dict[str, list[int]] | None:
         return None
 
 
-# What every member of an ensemble must share: the per-slice signatures prepare one input for all of
-# them (the volume signatures would not need it; a 3D member will, with only the per-slice ones).
+# What the 2.5D members of an ensemble must share: the per-slice signatures prepare one input for all of
+# them. A fusion with a 3D member serves whole volumes only, where each member prepares its own.
 SHARED_SETTINGS = {"data.offsets": lambda c: list(c.data.offsets),
                    "data.image_size": lambda c: list(c.data.image_size),
                    "data.clip_percentiles": lambda c: list(c.data.clip_percentiles),
