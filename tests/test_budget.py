@@ -15,7 +15,7 @@ from tfseg.evaluation.report import trained_steps
 from tfseg.layout import RunFolder
 from tfseg.model.build import build_model
 from tfseg.training import trainer
-from tfseg.training.budget import FINAL_SECONDS, SAFETY, plan_steps
+from tfseg.training.budget import FINAL_SECONDS, SAFETY, Replanner, plan_steps
 from tfseg.training.optimizer import loss_scale, make_optimizer
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
@@ -47,6 +47,27 @@ def test_plan_fills_the_budget(args, expected):
 def test_plan_too_short_names_the_minimum(args):
     with pytest.raises(ConfigError, match=r"too short.*give at least [0-9.]+ min"):
         plan_steps(*args)
+
+
+@pytest.mark.parametrize(("step_seconds", "expected"), [
+    (None, 4),  # no step of its own: the probe's 9.7 s, so (0.95 x 240 s - 3 s - 5 x 5.7 s) / 9.7 s / 5 epochs
+    (2.0, 19),  # a step timed in the epoch: that figure
+])
+def test_replan_after_an_epoch_of_timing_steps_keeps_the_probes_step_time(records_dir, tmp_path, step_seconds,
+                                                                          expected):
+    """A slow step under a short budget can leave epoch 1 only the steps the budget timed; its replan then
+    has no step to time and must keep the probe's figure (timing nothing once gave 0 s a step, and a
+    5-minute run was planned 78602 steps an epoch)."""
+    import tensorflow as tf
+
+    config = smoke_config(records_dir, "train.budget_minutes=5", "train.epochs=6", "train.steps_per_epoch=3")
+    optimizer = make_optimizer(config.train, 3, "float32")
+    optimizer.build([keras.Variable(0.0)])
+    logs = []
+    replan = Replanner(tf.distribute.get_strategy(), config, time.perf_counter() - 60, optimizer, tmp_path,
+                       False, logs.append, 9.7)
+    assert replan(1, step_seconds, 5.7) == expected == config.train.steps_per_epoch
+    assert f"a step took {step_seconds or 9.7:.3f} s" in logs[0]
 
 
 @pytest.fixture(scope="module")

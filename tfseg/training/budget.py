@@ -112,7 +112,8 @@ def agree(strategy, figures: list[float]) -> list[float]:
 class Replanner:
     """Called after each epoch but the last: the steps each epoch left takes, from the time that epoch's
     steps and validation took; the schedule is laid again over the run's new end (config.train and
-    the run's config.yaml are updated, so a resume keeps the last plan)."""
+    the run's config.yaml are updated, so a resume keeps the last plan). An epoch whose steps were all
+    taken while timing (step_seconds None) keeps the last figure, first the probe's (step_seconds)."""
 
     strategy: object
     config: object  # the run's resolved Config
@@ -121,8 +122,9 @@ class Replanner:
     run_dir: object
     chief: bool
     log: object
+    step_seconds: float  # the last timed step
 
-    def __call__(self, epoch: int, step_seconds: float, validation_seconds: float) -> int:
+    def __call__(self, epoch: int, step_seconds: float | None, validation_seconds: float) -> int:
         from tfseg.config import save_config
         from tfseg.layout import RunFolder
         from tfseg.training.optimizer import schedule_of
@@ -130,7 +132,8 @@ class Replanner:
         t = self.config.train
         epochs_left = t.epochs - epoch
         elapsed, step_seconds, validation_seconds = agree(
-            self.strategy, [time.perf_counter() - self.started, step_seconds, validation_seconds])
+            self.strategy, [time.perf_counter() - self.started, step_seconds or self.step_seconds, validation_seconds])
+        self.step_seconds = step_seconds
         left = _time_left(60 * t.budget_minutes, elapsed) - epochs_left * validation_seconds
         per_epoch = max(1, math.floor(left / step_seconds / epochs_left))
         schedule = schedule_of(self.optimizer)

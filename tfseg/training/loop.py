@@ -49,7 +49,8 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, step
         chief: bool, resume: bool, log: Log, done_losses: list[float] = (), replan=None) -> list[dict]:
     """Train config.train.epochs epochs (continuing from the run folder's last checkpoint if resume);
     return the history rows. done_losses: losses of epoch 1's steps already taken (a time budget's
-    timing steps). replan(epoch, seconds a step, seconds of validation) -> the steps of the epochs left
+    timing steps). replan(epoch, seconds a step (None when the epoch's steps were all timing steps), seconds of
+    validation) -> the steps of the epochs left
     (a time budget's Replanner). val_data None: no validation (training on every fold). Every worker must call
     this; only the chief writes run_dir. The run's model ends with the last weights (their moving
     average with train.ema): nothing is selected on the validation folds, which evaluate scores."""
@@ -110,7 +111,7 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, step
             manager.save(checkpoint_number=epoch)
             log(f"epoch {epoch}/{t.epochs}: {describe(row)}")
             if replan and epoch < t.epochs:
-                steps_per_epoch = replan(epoch, trained / max(taken, 1), row["seconds"] - trained)
+                steps_per_epoch = replan(epoch, trained / taken if taken else None, row["seconds"] - trained)
     except strategy_lib.LOST_WORKER_ERRORS as err:
         lost = strategy_lib.lost_worker(strategy, err)
         if lost is None:

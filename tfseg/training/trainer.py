@@ -126,7 +126,8 @@ def train(config: Config, run_dir: str | Path, *, fresh: bool = False, progress:
                       config=resolved, val_data=val_data, image_data=images, steps_per_epoch=steps_per_epoch,
                       run_dir=run_dir, write_dir=write_dir, chief=chief, resume=resume, log=log,
                       done_losses=done_losses,
-                      replan=budget.Replanner(strategy, resolved, started, optimizer, run_dir, chief, log)
+                      replan=budget.Replanner(strategy, resolved, started, optimizer, run_dir, chief, log,
+                                             plan.step_seconds)
                       if to_plan else None)
     except tf.errors.DataLossError as err:  # a shard damaged after check_shards, in the middle of the run
         stopped = shard_lost(config, run_dir, err)
