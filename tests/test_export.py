@@ -34,13 +34,16 @@ TINY = ["data.image_size=[64,64]", "data.offsets=[-2,0,2]", "model.depth=2", "mo
 K = 3
 
 
-def tiny_run(records_dir, root: Path) -> Path:
-    """A run folder made by hand: config.yaml + model.keras of an untrained, seeded 64 px UNet."""
-    run = root / "run"
+def tiny_run(records_dir, root: Path, presence_head: bool = False) -> Path:
+    """A run folder made by hand: config.yaml + model.keras of an untrained, seeded 64 px UNet (with a
+    presence head: root/run-presence, whose masks are drawn above 0.05 and gated below a presence of 0.5,
+    so that the untrained model's gating has slices to empty)."""
+    run = root / ("run-presence" if presence_head else "run")
     if not (run / "model.keras").exists():
-        config = load_config(None, [f"data.records={records_dir}", *TINY])
+        gating = ["model.presence_head=true", "train.threshold=0.05", "train.presence_threshold=0.5"]
+        config = load_config(None, [f"data.records={records_dir}", *TINY, *(gating if presence_head else [])])
         keras.utils.set_random_seed(0)
-        model = build_unet((64, 64, K), depth=2, base_filters=8)
+        model = build_unet((64, 64, K), depth=2, base_filters=8, presence_head=presence_head)
         save_config(config, run / "config.yaml")
         model.save(run / "model.keras")
     return run

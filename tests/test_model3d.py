@@ -256,12 +256,13 @@ def test_a_patch_larger_than_the_volume_is_an_error(window_model):
 
 @pytest.fixture(scope="module")
 def run_3d(records_dir, tmp_path_factory):
-    """A tiny 3D run trained to a time budget (2 epochs in 40 s) and evaluated through the commands."""
+    """A tiny 3D run trained to a time budget (2 epochs in a minute: 40 s left no room for a slow start on a
+    machine running other tests) and evaluated through the commands."""
     run = tmp_path_factory.mktemp("run3d") / "run"
     overrides = [*TINY_3D, "train.epochs=2", "augment.enabled=true", "augment.rotation_degrees=10",
                  "train.window_batch=2"]
     argv = ["--config", str(SMOKE), "--records", str(records_dir), "--run-dir", str(run), "--no-progress",
-            "--budget-minutes", "0.67"]
+            "--budget-minutes", "1"]
     assert cli.run(train.main, [*argv, *(f"--set={o}" for o in overrides)]) == 0
     assert cli.run(evaluate.main, ["--run", str(run), "--limit", "2", "--no-progress"]) == 0
     return run
@@ -291,8 +292,10 @@ def test_evaluate_refuses_volumes_shorter_than_the_patch(run_3d, records_dir, tm
 
 
 def test_a_3d_run_serves_whole_volumes_alone_and_fused_with_a_2_5d_run(run_3d, records_dir, synth_dir, tmp_path):
-    """Export a 3D run alone (whole-volume signatures only), a 2.5D run alone, and their 3:1 fusion; in a
-    fresh process without tfseg the fusion's probabilities are the weighted mean of the members'."""
+    """Export a 3D run alone (whole-volume signatures only), a 2.5D run with a presence head alone, and
+    their 3:1 fusion; in a fresh process without tfseg the fusion's probabilities and presence are the
+    weighted means of the members' (a 3D member's presence: its highest probability on each slice), and
+    the fusion's masks are gated by that presence."""
     import pickle
     import subprocess
     import sys
@@ -301,7 +304,7 @@ def test_a_3d_run_serves_whole_volumes_alone_and_fused_with_a_2_5d_run(run_3d, r
     from tests.test_volume import ANSWER
     from tfseg import export, layout
 
-    run_2d = tiny_run(records_dir, tmp_path)
+    run_2d = tiny_run(records_dir, tmp_path, presence_head=True)
     models = {name: tmp_path / name / "1" for name in ("3d", "2d", "fused")}
     for name, runs in (("3d", [run_3d]), ("2d", [run_2d]), ("fused", [run_2d, run_3d])):
         weights = ["--weight", "3", "--weight", "1"] if name == "fused" else []
@@ -323,6 +326,12 @@ def test_a_3d_run_serves_whole_volumes_alone_and_fused_with_a_2_5d_run(run_3d, r
     assert not np.allclose(probabilities["3d"], probabilities["2d"], atol=1e-3)
     np.testing.assert_allclose(probabilities["fused"], 0.75 * probabilities["2d"] + 0.25 * probabilities["3d"],
                                atol=1e-5)
+    presence = {name: answers[name]["presence"] for name in models}
+    assert presence["3d"].shape == (len(pngs), 3) and not np.allclose(presence["3d"], presence["2d"], atol=1e-3)
+    np.testing.assert_allclose(presence["fused"], 0.75 * presence["2d"] + 0.25 * presence["3d"], atol=1e-5)
+    above = probabilities["fused"].max(axis=(1, 2)) > 0.05  # [D, 3]: where the threshold alone would draw
+    assert np.any(above & (presence["fused"] < 0.5))  # slices the gating must empty (tiny_run's settings)
+    np.testing.assert_array_equal(answers["fused"]["masks"].max(axis=(1, 2)) > 0, above & (presence["fused"] >= 0.5))
     assert "error" in answers["short"]
 
 

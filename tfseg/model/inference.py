@@ -23,6 +23,7 @@ from keras import ops
 from tfseg.errors import ConfigError
 from tfseg.model.sliding_window import sliding_window_probabilities
 from tfseg.model.unet import split_outputs
+from tfseg.model.unet3d import slice_presence
 
 TTA_MODES = {"hflip": -2, "vflip": -3}  # the axis each flips, of [B, H, W, C] and of [B, D, H, W, C]
 
@@ -157,13 +158,17 @@ class Member:
 
     @property
     def has_presence(self) -> bool:
-        return isinstance(self.model.output, dict)
+        """Whether the member gives a per-slice presence: a 2.5D presence head, or a 3D model's highest
+        probability on each slice (unet3d.slice_presence), so that a fusion can gate empty slices."""
+        return model_kind(self.config) == "3d" or isinstance(self.model.output, dict)
 
 
 def member_probabilities(member: Member, tta=(), chunk: int = 16, num_classes: int = 3):
     """The member's function volume float32 [D, h, w, 1] (normalised over the volume, resized to its
     data.image_size) -> (probabilities float32 [D, h, w, C] at its model size, presence [D, C] or None),
-    `chunk` slices (2.5D) or train.window_batch windows (3D) at a time. One branch per model.kind."""
+    `chunk` slices (2.5D) or train.window_batch windows (3D) at a time. One branch per model.kind; a 3D
+    model's presence is its highest probability on each slice, which a fusion averages with the 2.5D
+    members' presence heads to gate slices."""
     check_kind(member.config, member.name)
     kind = model_kind(member.config)
     if kind == "2.5d":
@@ -173,7 +178,12 @@ def member_probabilities(member: Member, tta=(), chunk: int = 16, num_classes: i
         t = member.config.train
         windows = averaged_volume([member.model], member.config.data.patch_size, tta=tta,
                                   overlap=t.window_overlap, window_batch=t.window_batch)
-        return lambda volume: (windows(volume), None)  # no presence head: the fusion then gates nothing
+
+        def call(volume):
+            probabilities = windows(volume)
+            return probabilities, slice_presence(probabilities)
+
+        return call
     raise AssertionError(kind)  # check_kind refused it
 
 

@@ -80,7 +80,7 @@ def export_info(members: list[Member], post: Postprocess, chunk: int, tta=(), so
                               "masks_png string [D] as masks_png; normalised over the volume, context built "
                               "in the graph",
             VOLUME_PROBABILITIES: "slices as serving_volume -> probabilities float32 [D, H, W, 3], masks uint8 "
-                                  "[D, H, W, 3] (and presence float32 [D, 3] with presence heads)",
+                                  "[D, H, W, 3] (and presence float32 [D, 3] with presence heads or 3D members)",
         }.items() if signatures is None or name in signatures},
         "config": to_dict(config),
         "fold_cases": _fold_cases(config),
