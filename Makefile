@@ -13,6 +13,9 @@ DEMO_RUN ?= runs/demo
 DEMO_MODEL ?= saved_models/demo/1
 DEMO_BUDGET ?= 5
 SYNTH_OPTS ?=
+# make test runs the test files on this many processes (pytest-xdist; a file's tests stay together, so
+# each module-scoped fixture is built once). TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint
 
@@ -41,10 +44,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tfseg tests
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tfseg tests
