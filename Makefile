@@ -14,7 +14,8 @@ DEMO_MODEL ?= saved_models/demo/1
 DEMO_BUDGET ?= 5
 SYNTH_OPTS ?=
 # make test runs the test files on this many processes (pytest-xdist; a file's tests stay together, so
-# each module-scoped fixture is built once). TEST_WORKERS=0 runs them in this one process.
+# each module-scoped fixture is built once; files with slow tests first: tests/conftest.py).
+# TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint
@@ -44,10 +45,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tfseg tests
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tfseg tests

@@ -1,4 +1,5 @@
-"""Session-wide fixtures: one tiny synthetic dataset and its records, shared by every test module."""
+"""Session-wide fixtures: one tiny synthetic dataset and its records, shared by every test module; and the
+order the test files run in."""
 
 import os
 
@@ -24,3 +25,12 @@ def records_dir(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("records") / "tiny"
     build_records(synth_dir, out, folds=2, workers=1, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first, each file's tests in their order. make test hands whole files to two
+    processes in this order (--dist loadfile --no-loadscope-reorder), so the long files start early and the
+    quick ones fill in at the end: by number of tests (xdist's default) the few-test slow files came last and
+    one process ran them alone for minutes."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
