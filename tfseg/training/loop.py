@@ -49,11 +49,11 @@ def fit(*, strategy: tf.distribute.Strategy, model: keras.Model, optimizer, step
         chief: bool, resume: bool, log: Log, done_losses: list[float] = (), replan=None) -> list[dict]:
     """Train config.train.epochs epochs (continuing from the run folder's last checkpoint if resume);
     return the history rows. done_losses: losses of epoch 1's steps already taken (a time budget's
-    timing steps). replan(epoch, seconds a step (None when the epoch's steps were all timing steps), seconds of
-    validation) -> the steps of the epochs left
-    (a time budget's Replanner). val_data None: no validation (training on every fold). Every worker must call
-    this; only the chief writes run_dir. The run's model ends with the last weights (their moving
-    average with train.ema): nothing is selected on the validation folds, which evaluate scores."""
+    timing steps). replan(epoch, seconds a step (None when the epoch's steps were all timing steps),
+    seconds of validation) -> the steps of the epochs left (a time budget's Replanner). val_data None: no
+    validation (training on every fold). Every worker must call this; only the chief writes run_dir. The
+    run's model ends with the last weights (their moving average with train.ema): nothing is selected on
+    the validation folds, which evaluate scores."""
     t, run = config.train, RunFolder(run_dir)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     schedule = schedule_of(optimizer)  # its step counts: a time budget may have moved them
