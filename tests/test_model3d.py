@@ -335,6 +335,28 @@ def test_a_3d_run_serves_whole_volumes_alone_and_fused_with_a_2_5d_run(run_3d, r
     assert "error" in answers["short"]
 
 
+def test_evaluate_gates_a_3d_run_as_its_export_does(run_3d, tmp_path):
+    """evaluate --run and evaluate --model of the run's export get the same probabilities and the same
+    presence (each slice's highest probability at model size), so any presence_threshold gates alike."""
+    import itertools
+
+    from tfseg import export
+    from tfseg.evaluation.predictors import keras_volume_predictor, predict_volumes, saved_model_volumes
+
+    exported = tmp_path / "3d" / "1"
+    assert cli.run(export.main, ["--run", str(run_3d), "--out", str(exported)]) == 0
+    config = load_config(run_3d / "config.yaml")
+    model = keras.models.load_model(RunFolder(run_3d).final_model, compile=False)
+    from_run = itertools.islice(predict_volumes(config, [0], keras_volume_predictor(model, config)), 2)
+    from_export = itertools.islice(saved_model_volumes(exported, config.data.records, [0]), 2)
+    for (name, probabilities, presence), (other_name, other_probabilities, other_presence) in zip(
+            from_run, from_export, strict=True):
+        assert name == other_name and presence.shape == (len(probabilities), 3)
+        np.testing.assert_allclose(probabilities, other_probabilities, atol=1e-4)
+        np.testing.assert_allclose(presence, other_presence, atol=1e-4)
+        assert np.all(presence >= probabilities.max(axis=(1, 2)) - 1e-5)  # a resize cannot exceed the max
+
+
 @pytest.mark.slow  # ~2 min: cv evaluates every volume of the fold at the scans' own size
 def test_cv_runs_a_3d_config(records_dir, tmp_path):
     overrides = [*TINY_3D, "train.epochs=1", "train.steps_per_epoch=2", "train.image_log_every=0"]

@@ -14,11 +14,12 @@ from tfseg.data.preprocess import restore_size
 from tfseg.errors import DataError
 from tfseg.layout import PREDICT_FLOAT, VOLUME_PROBABILITIES
 from tfseg.model.inference import averaged, averaged_volume
+from tfseg.model.unet3d import slice_presence
 from tfseg.records.features import parse_volume
 from tfseg.records.reader import shard_files
 
 # scans [B, h, w, K] -> probabilities [B, h, w, 3], or (probabilities, presence [B, 3] or None);
-# for 3D models a volume [D, h, w, 1] -> probabilities [D, h, w, 3]
+# for 3D models a volume [D, h, w, 1] -> the same for its D slices
 Predictor = Callable[[tf.Tensor], np.ndarray | tuple[np.ndarray, np.ndarray | None]]
 
 
@@ -34,13 +35,24 @@ def keras_predictor(models, tta=()) -> Predictor:
 
 
 def keras_volume_predictor(models, config: Config, tta=()) -> Predictor:
-    """For 3D runs: a volume float32 [D, h, w, 1] -> probabilities [D, h, w, 3], the average of the Keras
-    models (and their `tta` flips) over sliding windows of data.patch_size (model.inference.averaged_volume)."""
+    """For 3D runs: a volume float32 [D, h, w, 1] -> (probabilities [D, h, w, 3], presence [D, 3]), the
+    average of the Keras models (and their `tta` flips) over sliding windows of data.patch_size
+    (model.inference.averaged_volume); presence is each slice's highest probability, as an export gates."""
     d, t = config.data, config.train
     volume_probabilities = averaged_volume(models if isinstance(models, list | tuple) else [models], d.patch_size,
                                            tta=tta, overlap=t.window_overlap, window_batch=t.window_batch)
-    call = tf.function(volume_probabilities, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
-    return lambda volume: call(volume).numpy()
+
+    def with_presence(volume):
+        probabilities = volume_probabilities(volume)
+        return probabilities, slice_presence(probabilities)
+
+    call = tf.function(with_presence, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+
+    def predict(volume):
+        probabilities, presence = call(volume)
+        return probabilities.numpy(), presence.numpy()
+
+    return predict
 
 
 def load_signature(path: str | Path, name: str):
@@ -110,7 +122,8 @@ def predict_volumes(config: Config, folds, predict: Predictor, batch_size: int =
 
 
 def _predict_whole_volumes(config: Config, folds, predict: Predictor):
-    """predict_volumes for 3D models: one call per whole volume; no presence (a 3D model has no presence head)."""
+    """predict_volumes for 3D models: one call per whole volume; presence as `predict` gives it (a 3D model's
+    is its highest probability on each slice, unet3d.slice_presence)."""
     patch_depth = config.data.patch_size[0]
     for volume in eval_volumes(config, folds):
         name, depth = volume["case_day"][0].numpy().decode(), int(volume["depth"][0])
@@ -118,4 +131,6 @@ def _predict_whole_volumes(config: Config, folds, predict: Predictor):
             raise DataError(f"{config.data.records}: {name} has {depth} slices, fewer than the patch's "
                             f"{patch_depth} (data.patch_size): whole-volume inference needs at least one window")
         orig_hw = (int(volume["orig_height"][0]), int(volume["orig_width"][0]))
-        yield name, np.asarray(restore_size(predict(volume["image"]), orig_hw, config.data)), None
+        out = predict(volume["image"])
+        probabilities, presence = out if isinstance(out, tuple) else (out, None)
+        yield name, np.asarray(restore_size(probabilities, orig_hw, config.data)), presence
