@@ -426,6 +426,6 @@ def logits_model(model: keras.Model) -> keras.Model:
     training, so BCE is computed from logits."""
     logits = model.get_layer("logits").output
     if not isinstance(model.output, dict):
-        return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+        return keras.Model(model.input, logits, name=f"{model.name}_logits")
     outputs = {"probabilities": logits, "presence": model.get_layer("presence_logits").output}
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_logits")
+    return keras.Model(model.input, outputs, name=f"{model.name}_logits")
