@@ -178,15 +178,26 @@ def test_one_geometry_for_every_slice_of_a_patch_and_the_mask_follows():
     assert (x[..., 0][organ] > 0.5).mean() > 0.9 and (x[..., 0][~organ] < 0.5).mean() > 0.9
 
 
-def test_validation_grid_covers_every_voxel_once(records_dir):
+def test_validation_grid_covers_every_voxel_without_padding(records_dir):
     config = tiny_config(records_dir, "data.patch_size=[16,16,32]")
-    volumes = list(data.eval_volumes(config, [0]))
-    pairs = list(data.validation_pairs(config, [0], 4))
-    x = np.concatenate([p[0].numpy() for p in pairs])
-    assert x.shape[1:] == (16, 16, 32, 1)
-    # 24 slices -> 2 patches along z (the second half zero-padded), 2 along the rows, 1 along the columns
-    assert len(x) == 4 * len(volumes) == data.count_validation_examples(config, [0])
-    np.testing.assert_allclose(x.sum(), sum(float(v["image"].numpy().sum()) for v in volumes), rtol=1e-5)
+    volume = next(iter(data.eval_volumes(config, [0])))["image"].numpy()
+    count = len(list(data.eval_volumes(config, [0])))
+    x = np.concatenate([p[0].numpy() for p in data.validation_pairs(config, [0], 4)])
+    assert volume.shape == (24, 32, 32, 1) and x.shape[1:] == (16, 16, 32, 1)
+    # 24 slices -> 2 patches along z, from slice 0 and slice 8 (overlapping, not zero-padded as the model
+    # never sees in training), 2 along the rows, 1 along the columns
+    assert len(x) == 4 * count == data.count_validation_examples(config, [0])
+    for patch, (z, row) in enumerate([(0, 0), (0, 16), (8, 0), (8, 16)]):
+        np.testing.assert_array_equal(x[patch], volume[z:z + 16, row:row + 16])
+
+
+def test_only_an_axis_shorter_than_the_patch_is_padded():
+    volume = np.arange(5 * 4 * 6, dtype=np.float32).reshape(5, 4, 6, 1) + 1
+    x, y = data._grid_patches(volume, np.zeros((5, 4, 6, 3), np.float32), [8, 4, 4])
+    assert x.shape == (2, 8, 4, 4, 1) and y.shape == (2, 8, 4, 4, 3)
+    np.testing.assert_array_equal(x[0, :5], volume[:, :, :4])
+    np.testing.assert_array_equal(x[1, :5], volume[:, :, 2:])
+    assert not np.any(x[:, 5:])
 
 
 # ---- sliding windows ------------------------------------------------------------------------------

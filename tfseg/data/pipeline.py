@@ -15,6 +15,7 @@ from tfseg.data import augment
 from tfseg.data.context import context_stack
 from tfseg.data.preprocess import normalize, resize_images, resize_masks
 from tfseg.layout import read_manifest
+from tfseg.model.sliding_window import window_starts
 from tfseg.records import features, reader
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -301,25 +302,28 @@ def eval_dataset(config: Config, folds, batch_size: int) -> tf.data.Dataset:
 
 
 def _grid_patches(image, mask, patch) -> tuple[tf.Tensor, tf.Tensor]:
-    """A volume [D, h, w, C] and its masks, zero-padded at the ends to whole patches and cut into the
-    non-overlapping patches [N, d, h', w', C] of that grid."""
+    """A volume [D, h, w, C] and its masks cut into a grid of patches [N, d, h', w', C]: ceil(size / patch)
+    per axis, spread from edge to edge as the sliding windows are (overlapping where the patch does not
+    divide the size) rather than running into padding the model never sees in training; only an axis
+    shorter than the patch is zero-padded."""
 
     patch = list(patch)
 
     def cut(volume, channels: int):
-        size = -(-tf.shape(volume)[:3] // patch) * patch
+        size = tf.maximum(tf.shape(volume)[:3], patch)
         volume = tf.pad(volume, tf.concat([tf.stack([tf.zeros([3], tf.int32), size - tf.shape(volume)[:3]], 1),
                                            [[0, 0]]], 0))
-        counts = size // patch
-        grid = tf.reshape(volume, [counts[0], patch[0], counts[1], patch[1], counts[2], patch[2], channels])
-        return tf.reshape(tf.transpose(grid, [0, 2, 4, 1, 3, 5, 6]), [-1, *patch, channels])
+        for axis in range(3):
+            starts = window_starts(size[axis], patch[axis], overlap=0.0)
+            volume = tf.gather(volume, starts[:, None] + tf.range(patch[axis])[None, :], axis=2 * axis)
+        return tf.reshape(tf.transpose(volume, [0, 2, 4, 1, 3, 5, 6]), [-1, *patch, channels])
 
     return cut(image, 1), cut(mask, len(CLASSES))
 
 
 def validation_pairs(config: Config, folds, batch_size: int) -> tf.data.Dataset:
     """(scans, masks) batches that training validates on: every slice (eval_dataset), or for 3D the
-    patches of a grid over every volume (zero-padded to whole patches; evaluate scores whole volumes)."""
+    patches of a grid over every volume (_grid_patches; evaluate scores whole volumes)."""
     if config.model.kind != "3d":
         return eval_dataset(config, folds, batch_size).map(lambda d: (d["image"], d["mask"]))
     ds = eval_volumes(config, folds).map(lambda d: _grid_patches(d["image"], d["mask"], config.data.patch_size))
