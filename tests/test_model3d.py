@@ -16,7 +16,7 @@ from tfseg.data import augment
 from tfseg.data import pipeline as data
 from tfseg.errors import ConfigError
 from tfseg.layout import EVAL_SUMMARY, RunFolder
-from tfseg.model.sliding_window import gaussian_weights, sliding_window_probabilities, window_starts
+from tfseg.model.sliding_window import gaussian_weights, sliding_window_probabilities
 from tfseg.model.unet import logits_model
 from tfseg.model.unet3d import build_unet3d, pool_sizes, slice_presence
 from tfseg.training import strategy
@@ -241,8 +241,8 @@ def test_windows_are_gaussian_weighted_averages():
     np.testing.assert_array_equal(got[8:], 1)
     # as few windows as keep the overlap, spread evenly from the start to the end
     for size, starts in ((8, [0]), (12, [0, 4]), (13, [0, 2, 5]), (20, [0, 4, 8, 12])):
-        np.testing.assert_array_equal(window_starts(size, 8, 0.5), starts)
-    np.testing.assert_array_equal(window_starts(20, 8, 0.0), [0, 6, 12])
+        np.testing.assert_array_equal(data.window_starts(size, 8, 0.5), starts)
+    np.testing.assert_array_equal(data.window_starts(20, 8, 0.0), [0, 6, 12])
     assert gaussian_weights((8, 16, 16)).shape == (8, 16, 16, 1)
 
 

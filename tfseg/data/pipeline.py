@@ -2,6 +2,7 @@
 for model.kind 3d; shuffled, sharded per input pipeline), the ordered evaluation stream that reassembles into
 volumes, whole volumes for 3D inference, and what the training loop validates on."""
 
+import math
 import random
 import warnings
 from pathlib import Path
@@ -15,7 +16,6 @@ from tfseg.data import augment
 from tfseg.data.context import context_stack
 from tfseg.data.preprocess import normalize, resize_images, resize_masks
 from tfseg.layout import read_manifest
-from tfseg.model.sliding_window import window_starts
 from tfseg.records import features, reader
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -299,6 +299,17 @@ def eval_dataset(config: Config, folds, batch_size: int) -> tf.data.Dataset:
     uint8 [B, h, w, 3] (resized), case_day, slice (number), index (0-based), depth, orig_height,
     orig_width. Predictions regroup by (case_day, index) and go back to size with restore_size."""
     return eval_volumes(config, folds).unbatch().batch(batch_size).prefetch(AUTOTUNE)
+
+
+def window_starts(size, patch: int, overlap: float) -> tf.Tensor:
+    """int32 [n] starts of windows of `patch` covering 0..size - 1 (size a scalar tensor >= patch): as few as
+    keep consecutive windows overlapping by at least `overlap` of the patch, spread evenly from 0 to
+    size - patch (nnU-Net's compute_steps_for_sliding_window)."""
+    step = max(1, math.floor(patch * (1 - overlap)))
+    room = tf.cast(size, tf.int32) - patch
+    count = (room + step - 1) // step + 1
+    spread = tf.cast(room, tf.float64) / tf.cast(tf.maximum(count - 1, 1), tf.float64)
+    return tf.cast(tf.round(tf.cast(tf.range(count), tf.float64) * spread), tf.int32)
 
 
 def _grid_patches(image, mask, patch) -> tuple[tf.Tensor, tf.Tensor]:

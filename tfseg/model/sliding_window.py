@@ -5,12 +5,12 @@ One implementation, written in TensorFlow ops so that evaluate, predict and a Sa
 memory grows with the window batch and the volume, not with the number of windows.
 """
 
-import math
 
 import numpy as np
 import tensorflow as tf
 
 from tfseg import CLASSES
+from tfseg.data.pipeline import window_starts
 
 SIGMA_SCALE = 1 / 8  # nnU-Net: sigma of the window weighting = 1/8 of the patch size per axis
 
@@ -24,17 +24,6 @@ def gaussian_weights(patch_size, sigma_scale: float = SIGMA_SCALE) -> np.ndarray
         offsets = np.arange(size) - (size - 1) / 2
         weights = np.multiply.outer(weights, np.exp(-0.5 * (offsets / (sigma_scale * size)) ** 2))
     return (weights / weights.max()).astype(np.float32)[..., None]
-
-
-def window_starts(size, patch: int, overlap: float) -> tf.Tensor:
-    """int32 [n] starts of windows of `patch` covering 0..size - 1 (size a scalar tensor >= patch): as few as
-    keep consecutive windows overlapping by at least `overlap` of the patch, spread evenly from 0 to
-    size - patch (nnU-Net's compute_steps_for_sliding_window)."""
-    step = max(1, math.floor(patch * (1 - overlap)))
-    room = tf.cast(size, tf.int32) - patch
-    count = (room + step - 1) // step + 1
-    spread = tf.cast(room, tf.float64) / tf.cast(tf.maximum(count - 1, 1), tf.float64)
-    return tf.cast(tf.round(tf.cast(tf.range(count), tf.float64) * spread), tf.int32)
 
 
 def sliding_window_probabilities(predict_fn, volume, patch_size, *, overlap: float = 0.5, window_batch: int = 4,
