@@ -10,7 +10,6 @@ from pathlib import Path
 import tensorflow as tf
 from keras import ops
 
-from tfseg import CLASSES
 from tfseg.config import Config, DataConfig
 from tfseg.data import augment
 from tfseg.data.context import context_stack
@@ -312,6 +311,16 @@ def window_starts(size, patch: int, overlap: float) -> tf.Tensor:
     return tf.cast(tf.round(tf.cast(tf.range(count), tf.float64) * spread), tf.int32)
 
 
+def window_corners(shape, patch, overlap: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """The windows of `patch` (d, h, w) covering a volume of `shape` [D, H, W] (each >= the patch): their first
+    voxels int32 [M, 3] (window_starts along each axis, z slowest) and the offsets of a window's voxels
+    [d, h, w, 3]; gather_nd at corner + offsets reads one window."""
+    starts = [window_starts(shape[axis], patch[axis], overlap) for axis in range(3)]
+    corners = tf.reshape(tf.stack(tf.meshgrid(*starts, indexing="ij"), axis=-1), [-1, 3])
+    offsets = tf.stack(tf.meshgrid(*[tf.range(p) for p in patch], indexing="ij"), axis=-1)
+    return corners, offsets
+
+
 def _grid_patches(image, mask, patch) -> tuple[tf.Tensor, tf.Tensor]:
     """A volume [D, h, w, C] and its masks cut into a grid of patches [N, d, h', w', C]: ceil(size / patch)
     per axis, spread from edge to edge as the sliding windows are (overlapping where the patch does not
@@ -320,16 +329,14 @@ def _grid_patches(image, mask, patch) -> tuple[tf.Tensor, tf.Tensor]:
 
     patch = list(patch)
 
-    def cut(volume, channels: int):
+    def cut(volume):
         size = tf.maximum(tf.shape(volume)[:3], patch)
         volume = tf.pad(volume, tf.concat([tf.stack([tf.zeros([3], tf.int32), size - tf.shape(volume)[:3]], 1),
                                            [[0, 0]]], 0))
-        for axis in range(3):
-            starts = window_starts(size[axis], patch[axis], overlap=0.0)
-            volume = tf.gather(volume, starts[:, None] + tf.range(patch[axis])[None, :], axis=2 * axis)
-        return tf.reshape(tf.transpose(volume, [0, 2, 4, 1, 3, 5, 6]), [-1, *patch, channels])
+        corners, offsets = window_corners(size, patch, overlap=0.0)
+        return tf.gather_nd(volume, corners[:, None, None, None, :] + offsets)
 
-    return cut(image, 1), cut(mask, len(CLASSES))
+    return cut(image), cut(mask)
 
 
 def validation_pairs(config: Config, folds, batch_size: int) -> tf.data.Dataset:

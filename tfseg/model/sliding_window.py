@@ -5,12 +5,11 @@ One implementation, written in TensorFlow ops so that evaluate, predict and a Sa
 memory grows with the window batch and the volume, not with the number of windows.
 """
 
-
 import numpy as np
 import tensorflow as tf
 
 from tfseg import CLASSES
-from tfseg.data.pipeline import window_starts
+from tfseg.data.pipeline import window_corners
 
 SIGMA_SCALE = 1 / 8  # nnU-Net: sigma of the window weighting = 1/8 of the patch size per axis
 
@@ -50,9 +49,7 @@ def sliding_window_probabilities(predict_fn, volume, patch_size, *, overlap: flo
             shape[:3], tf.constant(patch), message=f"the volume [D, H, W] is smaller than the patch {patch} "
                                                    "(data.patch_size) along some axis")]):
         shape = tf.identity(shape)
-    starts = [window_starts(shape[axis], patch[axis], overlap) for axis in range(3)]
-    corners = tf.reshape(tf.stack(tf.meshgrid(*starts, indexing="ij"), axis=-1), [-1, 3])  # [M, 3]
-    grid = tf.stack(tf.meshgrid(*[tf.range(p) for p in patch], indexing="ij"), axis=-1)  # [d, h, w, 3]
+    corners, grid = window_corners(shape[:3], patch, overlap)  # [M, 3], [d, h, w, 3]
     weights = tf.constant(gaussian_weights(patch, sigma_scale))
     count = tf.shape(corners)[0]
 
